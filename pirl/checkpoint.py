@@ -1,0 +1,149 @@
+"""Crash-safe checkpoints: atomic write, previous copy kept, safe load.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsynced, and only then
+renamed over ``checkpoint.pt`` (after the old one has been renamed to ``checkpoint.prev.pt``).  A
+process killed at any moment therefore leaves either the new checkpoint, or the previous one (plus
+a stray temporary file that is ignored and cleaned up), never a half-written file under the real
+name.  Loading always uses ``torch.load(..., weights_only=True)``: nothing in a checkpoint file is
+executed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+LATEST = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+FORMAT = "pirl"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the run (message names the file)."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None:
+    """``torch.save`` ``obj`` to ``path`` so that a crash never leaves a partial file there.
+
+    If ``keep_previous`` is given, the file currently at ``path`` is moved there first.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; any failure becomes a :class:`CheckpointError`.
+
+    A file whose unpickling would need arbitrary code (a crafted checkpoint) is refused here:
+    the restricted unpickler raises before any of it runs.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it is not a plain weights file ({first[:200]}); "
+            "pirl never unpickles arbitrary objects") from None
+    except Exception as e:  # noqa: BLE001 - any decoding failure means an unreadable file
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+
+
+def save_run_checkpoint(state: dict[str, Any], run_dir: Path) -> Path:
+    """Write a training checkpoint into ``run_dir``, keeping the previous one."""
+    path = Path(run_dir) / LATEST
+    atomic_save({"format": FORMAT, "version": VERSION, **state}, path,
+                keep_previous=Path(run_dir) / PREVIOUS)
+    return path
+
+
+def load_run_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint in ``run_dir``, or ``None`` when there is none.
+
+    If the latest cannot be read (a disk fault, a truncated copy), the previous one is used with a
+    warning; if neither can be read, the error names both files.
+    """
+    run_dir = Path(run_dir)
+    latest, previous = run_dir / LATEST, run_dir / PREVIOUS
+    for stray in run_dir.glob(f".{LATEST}.tmp-*"):
+        # Left behind by a process killed mid-write; never a valid checkpoint.
+        stray.unlink(missing_ok=True)
+    errors = []
+    for path in (latest, previous):
+        if not path.exists():
+            continue
+        try:
+            ckpt = safe_load(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            log.warning("%s; trying the previous checkpoint", e)
+            continue
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+            errors.append(f"{path}: not a pirl training checkpoint")
+            continue
+        if path == previous:
+            log.warning("resuming from the previous checkpoint %s", path)
+        return ckpt
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state, in types ``weights_only`` loading accepts."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                  int(np_state[2]), int(np_state[3]), float(np_state[4])),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,350 @@
+"""The pretraining loop: forward -> loss -> backward -> step -> bank update, with checkpoints.
+
+One readable loop for every method (pirl, npid, jigsaw, rotation): the differences live in the
+model (:func:`pirl.models.pirl.build_model`) and the objective (:class:`pirl.methods.Objective`).
+Running the same command twice resumes from the run folder's checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pirl import config as C
+from pirl.checkpoint import (
+    CheckpointError,
+    load_run_checkpoint,
+    rng_state,
+    save_run_checkpoint,
+    set_rng_state,
+)
+from pirl.data import ViewDataset, open_source
+from pirl.data.sampler import EpochSampler, SeededViews, seed_everything
+from pirl.data.views import build_train_transform, maximal_hamming_permutations, normalize
+from pirl.distributed import DistEnv, all_reduce_mean, setup_distributed
+from pirl.logs import RunLogger
+from pirl.methods import Objective
+from pirl.models.pirl import build_model
+from pirl.schedule import build_optimizer, lr_at, peak_lr, set_lr
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("image", "patches", "rotated")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and what to try."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`pretrain` leaves behind."""
+
+    run_dir: Path
+    trunk_path: Path
+    steps: int
+    epochs: int
+    resumed_from_step: int
+    last_record: dict[str, Any]
+
+
+def prepare_run_dir(out: Path) -> Path:
+    """Create ``out`` and check it is writable, before any heavy work."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise C.ConfigError(f"--out {out}: cannot write there ({e.strerror})") from None
+    return out
+
+
+def check_resume_compatible(ckpt: dict[str, Any], cfg: C.Config, dataset_size: int,
+                            path: Path) -> None:
+    """Refuse to resume a checkpoint of another architecture, method or dataset size."""
+    saved = ckpt.get("config", {})
+    for section, key in (("model", "arch"), ("model", "small_stem"), ("model", "embed_dim"),
+                         ("objective", "method"), ("objective", "pretext")):
+        old = saved.get(section, {}).get(key)
+        new = getattr(getattr(cfg, section), key)
+        if old != new:
+            raise C.ConfigError(f"{path}: checkpoint has {section}.{key}={old!r} but this run asks "
+                                f"for {new!r}; use another --out folder or the same setting")
+    if ckpt.get("dataset_size") != dataset_size:
+        raise C.ConfigError(f"{path}: checkpoint was trained on {ckpt.get('dataset_size')} images "
+                            f"(memory bank rows) but the data now has {dataset_size}; use another "
+                            "--out folder or the same data")
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    """Move a collated batch to ``device``; uint8 images become normalised float there."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if not torch.is_tensor(value):
+            out[key] = value
+            continue
+        value = value.to(device, non_blocking=True)
+        if key in IMAGE_KEYS:
+            value = normalize(value)
+            if channels_last and value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    """bfloat16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=enabled and device.type == "cuda")
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1 (cluster pre-emption): the loop checkpoints and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
+             explicit_negatives: bool = False, device: str | None = None,
+             stop_after_steps: int | None = None) -> RunResult:
+    """Pretrain on ``data`` into the run folder ``out`` (resuming if it holds a checkpoint).
+
+    Args:
+        cfg: the resolved config (validated again here against the dataset size).
+        data: training images: a folder, an ImageFolder .tar, or ``synthetic``.
+        out: run folder: config.yaml, log.jsonl, checkpoint.pt, and trunk.pt at the end.
+        val_data: labelled images for the kNN monitor (optional).
+        explicit_negatives: the user set num_negatives themselves, so it must be below |D|
+            (a preset's value is only an upper bound and is capped silently-with-a-note).
+        device: "cpu", "cuda", "cuda:1"...; default: this rank's GPU if any, else CPU.
+        stop_after_steps: stop (with a checkpoint) after this many steps of this call; for tests
+            of interrupted runs.
+    """
+    env = setup_distributed(device)
+    out = prepare_run_dir(out) if env.is_main else Path(out)
+    source = open_source(data)
+    n = len(source)
+    if explicit_negatives and cfg.objective.method in ("pirl", "npid"):
+        C.check_explicit_negatives(cfg.objective.num_negatives, n)
+    for note in C.validate(cfg, dataset_size=n):
+        if env.is_main:
+            log.info(note)
+    if cfg.optim.batch_size % env.world_size:
+        raise C.ConfigError(f"optim.batch_size={cfg.optim.batch_size}: must be divisible by the "
+                            f"number of processes ({env.world_size})")
+    if cfg.optim.batch_size > n:
+        raise C.ConfigError(f"optim.batch_size={cfg.optim.batch_size}: larger than the dataset "
+                            f"({n} images in {data})")
+    ckpt = load_run_checkpoint(out)
+    if ckpt is not None:
+        check_resume_compatible(ckpt, cfg, n, out / "checkpoint.pt")
+    if env.is_main:
+        C.save_yaml(cfg, out / "config.yaml")
+
+    seed_everything(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+    dev = env.device
+    on_gpu = dev.type == "cuda"
+    channels_last = cfg.train.channels_last and on_gpu
+
+    permutations = None
+    if cfg.objective.method == "jigsaw":
+        permutations = (ckpt["permutations"] if ckpt is not None else
+                        maximal_hamming_permutations(cfg.objective.num_permutations,
+                                                     cfg.views.grid, seed=cfg.train.seed))
+    model = build_model(cfg, num_permutations=cfg.objective.num_permutations).to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    objective = Objective(cfg, n, dev)
+    optimizer = build_optimizer(model, cfg.optim)
+
+    steps_per_epoch = n // cfg.optim.batch_size
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    peak = peak_lr(cfg.optim)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if ckpt is not None:
+        _restore(ckpt, model, objective, optimizer)
+        pos = ckpt["position"]
+        step, epoch, batch_in_epoch = int(pos["step"]), int(pos["epoch"]), int(pos["batch"])
+        if env.is_main:
+            log.info("resuming from %s at epoch %d, step %d", out / "checkpoint.pt", epoch, step)
+    resumed_from = step
+
+    train_model: nn.Module = model
+    if env.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if on_gpu else None)
+
+    dataset = SeededViews(ViewDataset(source, build_train_transform(cfg, permutations),
+                                      strict=cfg.train.strict_data), seed=cfg.train.seed)
+    per_rank = cfg.optim.batch_size // env.world_size
+    logger = RunLogger(out, enabled=env.is_main)
+    state = _LoopState(step=step, epoch=epoch, batch=batch_in_epoch)
+
+    def save() -> None:
+        if env.is_main:
+            save_run_checkpoint(_checkpoint_state(cfg, n, model, objective, optimizer,
+                                                  permutations, state), out)
+        env.barrier()
+
+    last: dict[str, Any] = {}
+    steps_this_call = 0
+    with _StopFlag() as stop:
+        while state.epoch < cfg.optim.epochs:
+            sampler = EpochSampler(n, cfg.optim.batch_size, cfg.train.seed, env.rank,
+                                   env.world_size, epoch=state.epoch, start_batch=state.batch)
+            loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
+                                num_workers=cfg.train.workers, pin_memory=on_gpu,
+                                persistent_workers=False,
+                                prefetch_factor=4 if cfg.train.workers > 0 else None)
+            model.train()
+            bar = tqdm(total=steps_per_epoch, initial=state.batch, unit="step",
+                       desc=f"epoch {state.epoch + 1}/{cfg.optim.epochs}", dynamic_ncols=True,
+                       disable=cfg.train.quiet or not env.is_main, leave=False)
+            t_last, samples_since = time.perf_counter(), 0
+            for raw in loader:
+                lr = lr_at(state.step, total_steps, warmup_steps, peak, cfg.optim.min_lr_ratio)
+                set_lr(optimizer, lr)
+                batch = to_device(raw, dev, channels_last)
+                with _autocast(dev, cfg.train.amp):
+                    outputs = train_model(batch)
+                outputs = {k: v.float() for k, v in outputs.items()}
+                loss, terms = objective.loss(outputs, batch)
+                if not math.isfinite(float(loss)):
+                    raise NonFiniteLossError(
+                        f"loss is {float(loss)} at step {state.step} (epoch {state.epoch + 1}); "
+                        f"the last good checkpoint is {out / 'checkpoint.pt'}. Try a lower "
+                        "optim.base_lr, a larger objective.tau, or train.amp=false")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                objective.after_step(outputs, batch)
+                state.step += 1
+                state.batch += 1
+                steps_this_call += 1
+                samples_since += cfg.optim.batch_size
+                bar.update(1)
+                skipped = int(raw["skipped"].sum()) if "skipped" in raw else 0
+                state.skipped += skipped
+                if state.step % cfg.train.log_every == 0 or state.batch == steps_per_epoch:
+                    now = time.perf_counter()
+                    rate = samples_since / max(now - t_last, 1e-9)
+                    t_last, samples_since = now, 0
+                    terms = {k: all_reduce_mean(v, env) for k, v in terms.items()}
+                    last = {"kind": "train", "step": state.step, "epoch": state.epoch + 1,
+                            "lr": lr, "samples_per_s": rate, "skipped_total": state.skipped,
+                            **terms}
+                    logger.log(last)
+                    bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}",
+                                    samples_s=f"{rate:.0f}")
+                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                    save()
+                if stop.requested or (stop_after_steps is not None
+                                      and steps_this_call >= stop_after_steps):
+                    bar.close()
+                    save()
+                    if env.is_main:
+                        log.info("stopped at step %d; rerun the same command to resume",
+                                 state.step)
+                    logger.close()
+                    return RunResult(out, out / "trunk.pt", state.step, state.epoch,
+                                     resumed_from, last)
+            bar.close()
+            state.epoch += 1
+            state.batch = 0
+            if val_data and cfg.train.knn_every and state.epoch % cfg.train.knn_every == 0:
+                knn = knn_monitor(model.trunk, cfg, source, val_data, dev, env)
+                if env.is_main:
+                    logger.log({"kind": "eval", "step": state.step, "epoch": state.epoch, **knn})
+                    log.info("epoch %d: kNN top-1 %.2f%%", state.epoch, knn["knn_top1"])
+            save()
+    if state.skipped and env.is_main:
+        log.warning("%d unreadable image(s) were skipped in total (see the warnings above); "
+                    "`pirl data check %s` lists them", state.skipped, data)
+    trunk_path = out / "trunk.pt"
+    if env.is_main:
+        from pirl.export import trunk_state_dict
+        torch.save(trunk_state_dict(model.trunk), trunk_path)
+        log.info("done: %d steps; trunk weights in %s", state.step, trunk_path)
+    logger.close()
+    env.barrier()
+    return RunResult(out, trunk_path, state.step, state.epoch, resumed_from, last)
+
+
+@dataclass
+class _LoopState:
+    step: int
+    epoch: int
+    batch: int
+    skipped: int = 0
+
+
+def _checkpoint_state(cfg: C.Config, n: int, model: nn.Module, objective: Objective,
+                      optimizer: torch.optim.Optimizer, permutations: torch.Tensor | None,
+                      state: _LoopState) -> dict[str, Any]:
+    return {
+        "config": C.to_dict(cfg),
+        "dataset_size": n,
+        "model": model.state_dict(),
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": {},  # bf16 autocast needs no loss scaling; kept for format stability
+        "rng": rng_state(),
+        "permutations": permutations,
+        "position": {"epoch": state.epoch, "step": state.step, "batch": state.batch},
+    }
+
+
+def _restore(ckpt: dict[str, Any], model: nn.Module, objective: Objective,
+             optimizer: torch.optim.Optimizer) -> None:
+    """Strict restore: a partial load must fail loudly, never pass silently."""
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        objective.load_state_dict(ckpt["objective"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint does not match this model: {str(e)[:300]}") from None
+    set_rng_state(ckpt["rng"])
+
+
+def knn_monitor(trunk: nn.Module, cfg: C.Config, train_source: Any, val_data: str,
+                device: torch.device, env: DistEnv) -> dict[str, float]:
+    """kNN top-1 / top-5 of the trunk's res5 features (NPID's weighted vote) on ``val_data``."""
+    from pirl.evaluate.monitor import knn_accuracy
+
+    was_training = trunk.training
+    result = knn_accuracy(trunk, train_source, open_source(val_data), cfg, device,
+                          k=cfg.train.knn_k, quiet=cfg.train.quiet or not env.is_main)
+    trunk.train(was_training)
+    return result
