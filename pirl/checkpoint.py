@@ -63,25 +63,34 @@ def atomic_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None
     _fsync_dir(path.parent)
 
 
-def safe_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``; any failure becomes a :class:`CheckpointError`.
+def safe_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that name the file.
 
-    A file whose unpickling would need arbitrary code (a crafted checkpoint) is refused here:
-    the restricted unpickler raises before any of it runs.
+    weights_only's unpickler only rebuilds tensors and plain containers/numbers/strings, so a
+    malicious pickle cannot run code here; its refusal becomes a :class:`CheckpointError`.
     """
-    path = Path(path)
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
+        return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{p}: refused to load: unpickling it would need arbitrary code (objects other "
+                "than tensors, numbers, strings and containers); pirl only reads weights-only "
+                "checkpoints") from None
+        raise CheckpointError(f"{p}: not a PyTorch checkpoint ({_first_line(e)})") from None
+    except Exception as e:
+        # A text or truncated file surfaces as KeyError, EOFError, RuntimeError (zip reader), ...
         raise CheckpointError(
-            f"{path}: refused to load: it is not a plain weights file ({first[:200]}); "
-            "pirl never unpickles arbitrary objects") from None
-    except Exception as e:  # noqa: BLE001 - any decoding failure means an unreadable file
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
+            f"{p}: not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "empty or truncated file"
+
 
 
 def save_run_checkpoint(state: dict[str, Any], run_dir: Path) -> Path:

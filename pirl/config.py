@@ -1,4 +1,4 @@
-"""Typed run configuration: defaults are the paper's ImageNet recipe (PIRL.md), presets scale it down.
+"""Typed run configuration: defaults = the paper's ImageNet recipe (PIRL.md); presets scale down.
 
 Every hyper-parameter has exactly one home here, one name and one help text (the field's
 ``metadata["help"]``).  Field names are unique across sections, so a command-line override may use

@@ -7,6 +7,7 @@ Running the same command twice resumes from the run folder's checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pirl.logs import RunLogger
+from pirl.methods import Objective
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -32,8 +35,6 @@ from pirl.data import ViewDataset, open_source
 from pirl.data.sampler import EpochSampler, SeededViews, seed_everything
 from pirl.data.views import build_train_transform, maximal_hamming_permutations, normalize
 from pirl.distributed import DistEnv, all_reduce_mean, setup_distributed
-from pirl.logs import RunLogger
-from pirl.methods import Objective
 from pirl.models.pirl import build_model
 from pirl.schedule import build_optimizer, lr_at, peak_lr, set_lr
 
@@ -119,10 +120,9 @@ class _StopFlag:
 
     def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
+            # ValueError: not the main thread (e.g. inside a test runner thread)
+            with contextlib.suppress(ValueError):
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -340,11 +340,15 @@ def _restore(ckpt: dict[str, Any], model: nn.Module, objective: Objective,
 
 def knn_monitor(trunk: nn.Module, cfg: C.Config, train_source: Any, val_data: str,
                 device: torch.device, env: DistEnv) -> dict[str, float]:
-    """kNN top-1 / top-5 of the trunk's res5 features (NPID's weighted vote) on ``val_data``."""
-    from pirl.evaluate.monitor import knn_accuracy
+    """kNN top-1 / top-5 (percent) of the trunk's res5 features (NPID's weighted vote, centre
+    crops) on ``val_data``, with the training images as the labelled neighbours."""
+    from pirl.evaluate.features import EvalSettings
+    from pirl.evaluate.knn import run_knn
 
     was_training = trunk.training
-    result = knn_accuracy(trunk, train_source, open_source(val_data), cfg, device,
-                          k=cfg.train.knn_k, quiet=cfg.train.quiet or not env.is_main)
+    settings = EvalSettings(device=device, batch_size=256, workers=cfg.train.workers,
+                            quiet=cfg.train.quiet or not env.is_main, cache_dir=None)
+    result = run_knn(trunk, train_source, open_source(val_data), cfg.views, settings,
+                     k=cfg.train.knn_k)
     trunk.train(was_training)
-    return result
+    return {"knn_top1": float(result["top1"]), "knn_top5": float(result["top5"])}

@@ -101,14 +101,12 @@ class SeededViews(Dataset):
     def __getitem__(self, draw_id: int) -> dict[str, Any]:
         n = len(self.inner)
         epoch, index = divmod(int(draw_id), n)
-        skipped = 0
         for attempt in range(self.max_substitutes):
             i = (index + attempt) % n
             seed_everything(_mix(self.seed, epoch, i))
             sample = self.inner[i]
             if sample is not None:
-                sample["skipped"] = skipped
+                sample["skipped"] = attempt  # the unreadable images passed over to reach i
                 return sample
-            skipped += 1
         raise RuntimeError(f"{self.max_substitutes} consecutive unreadable images from index "
                            f"{index}: is the dataset readable? Run `pirl data check`.")
