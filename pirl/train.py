@@ -241,9 +241,9 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                     outputs = train_model(batch)
                 outputs = {k: v.float() for k, v in outputs.items()}
                 loss, terms = objective.loss(outputs, batch)
-                if not math.isfinite(float(loss)):
+                if not math.isfinite(loss.item()):
                     raise NonFiniteLossError(
-                        f"loss is {float(loss)} at step {state.step} (epoch {state.epoch + 1}); "
+                        f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}); "
                         f"the last good checkpoint is {out / 'checkpoint.pt'}. Try a lower "
                         "optim.base_lr, a larger objective.tau, or train.amp=false")
                 optimizer.zero_grad(set_to_none=True)

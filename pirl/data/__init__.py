@@ -1,0 +1,27 @@
+"""Data: image sources (folders, tar archives, the built-in synthetic set), the view dataset and
+its collate function, and the dataset checker.  Views themselves live in
+:mod:`pirl.data.views` / :mod:`pirl.data.jigsaw`."""
+
+from pirl.data.check import check_source
+from pirl.data.datasets import (
+    BadImageError,
+    FolderSource,
+    ImageSource,
+    TarSource,
+    ViewDataset,
+    collate_views,
+    open_source,
+)
+from pirl.data.synthetic import SyntheticSource
+
+__all__ = [
+    "BadImageError",
+    "FolderSource",
+    "ImageSource",
+    "SyntheticSource",
+    "TarSource",
+    "ViewDataset",
+    "check_source",
+    "collate_views",
+    "open_source",
+]
