@@ -1,0 +1,161 @@
+"""Benchmark: jigsaw + image views per image, paper preset, one process (issue 6, target 1).
+
+Compares, side by side in one run, on a decoded 256 x 256 PIL image (no JPEG decode timed):
+
+* ``baseline (PIL, view by view)``: the straightforward pipeline written with torchvision
+  transforms on PIL images: RandomResizedCrop -> flip -> ColorJitter -> grayscale -> tensor for the
+  image view; RandomResizedCrop(255) for the jigsaw crop, then for each of the 9 cells a crop at a
+  random offset followed by its own flip / ColorJitter / grayscale / to-tensor; a random order.
+* ``pirl fast path``: :func:`pirl.data.views.build_train_transform` for method pirl, pretext
+  jigsaw (uint8 tensors throughout, one batched colour call for the 9 patches).
+
+Both do the same operations with the same probabilities (colour jitter 0.4/0.4/0.4/0.2 always,
+grayscale 0.2, flip 0.5).  The rounds alternate between the pipelines so that load from other
+processes on the machine hits both alike; ms/image is the median over rounds.
+
+    python benchmarks/views.py [--rounds 15] [--per-round 40] [--image PATH_OR_TAR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from pirl.config import Config, ViewConfig
+from pirl.data.jigsaw import JigsawView
+from pirl.data.views import IMAGENET_MEAN, IMAGENET_STD, ImageView, build_train_transform
+
+DEFAULT_TAR = Path(__file__).resolve().parents[1] / "../shared/data/imagenette-96/val.tar"
+
+
+def load_input(path: str | None, side: int = 256) -> Image.Image:
+    """A decoded RGB image of ``side x side``: the first JPEG of a tar / an image file, resized;
+    random smooth noise when nothing is found (the timing hardly depends on the content)."""
+    candidate = Path(path) if path else DEFAULT_TAR
+    img: Image.Image | None = None
+    if candidate.is_file() and candidate.suffix == ".tar":
+        with tarfile.open(candidate) as tar:
+            for member in tar:
+                if member.isfile() and member.name.lower().endswith((".jpg", ".jpeg", ".png")):
+                    data = tar.extractfile(member)
+                    assert data is not None
+                    img = Image.open(io.BytesIO(data.read())).convert("RGB")
+                    break
+    elif candidate.is_file():
+        img = Image.open(candidate).convert("RGB")
+    if img is None:
+        rng = np.random.default_rng(0)
+        small = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
+        img = Image.fromarray(small)
+    return img.resize((side, side), Image.BILINEAR)
+
+
+class BaselinePIL:
+    """The straightforward pipeline: torchvision transforms on PIL, one view / patch at a time.
+
+    ``float_output=True`` ends every view with ``ToTensor() + Normalize()`` as most public
+    pipelines (VISSL's among them) do; the default ends with uint8 ``PILToTensor()``, the same
+    output as the fast path (which normalises on the device), so it is the fair comparison.
+    """
+
+    def __init__(self, v: ViewConfig, float_output: bool = False) -> None:
+        to_tensor: object = T.PILToTensor()
+        if float_output:
+            to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        jitter = T.RandomApply([T.ColorJitter(v.brightness, v.contrast, v.saturation, v.hue)],
+                               p=v.jitter_prob)
+        self.image_tf = T.Compose([
+            T.RandomResizedCrop(v.image_size, scale=(v.image_scale_min, 1.0)),
+            T.RandomHorizontalFlip(v.flip_prob), jitter, T.RandomGrayscale(v.grayscale_prob),
+            to_tensor,
+        ])
+        self.crop_tf = T.RandomResizedCrop(v.jigsaw_crop, scale=(v.jigsaw_scale_min, 1.0))
+        self.patch_tf = T.Compose([
+            T.RandomHorizontalFlip(v.flip_prob), jitter, T.RandomGrayscale(v.grayscale_prob),
+            to_tensor,
+        ])
+        self.v = v
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        v = self.v
+        image = self.image_tf(img)
+        crop = self.crop_tf(img)
+        patches = []
+        for cell in range(v.grid * v.grid):
+            r, c = divmod(cell, v.grid)
+            dy, dx = (int(t) for t in torch.randint(v.cell - v.patch + 1, (2,)))
+            top, left = r * v.cell + dy, c * v.cell + dx
+            patch = crop.crop((left, top, left + v.patch, top + v.patch))
+            patches.append(self.patch_tf(patch))
+        order = torch.randperm(len(patches))
+        return {"image": image, "patches": torch.stack(patches)[order]}
+
+
+def time_per_image(fn: Callable[[Image.Image], object], img: Image.Image, n: int) -> float:
+    """Seconds per call over ``n`` calls."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(img)
+    return (time.perf_counter() - t0) / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15, help="alternating timing rounds")
+    ap.add_argument("--per-round", type=int, default=40, help="images per pipeline per round")
+    ap.add_argument("--image", default=None, help="image file or ImageFolder tar to take one "
+                    "image from (default: imagenette-96 val.tar; noise if missing)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # one process, one core: the per-worker cost
+    torch.manual_seed(0)
+
+    cfg = Config()  # the paper's preset: 224 view, 255 crop, 85 cells, 64 patches
+    v = cfg.views
+    img = load_input(args.image)
+    image_view, jigsaw_view = ImageView(v), JigsawView(v)
+    pipelines: dict[str, Callable[[Image.Image], object]] = {
+        "baseline (PIL, view by view)": BaselinePIL(v),
+        "pirl fast path (image + jigsaw)": build_train_transform(cfg),
+        "  of which: image view alone": image_view,
+        "  of which: jigsaw view alone": jigsaw_view,
+        "baseline + ToTensor/Normalize per view (float out)": BaselinePIL(v, float_output=True),
+    }
+    # Shapes first: both produce the same outputs.
+    base_out = pipelines["baseline (PIL, view by view)"](img)
+    fast_out = pipelines["pirl fast path (image + jigsaw)"](img)
+    assert isinstance(base_out, dict) and isinstance(fast_out, dict)
+    for key in ("image", "patches"):
+        assert base_out[key].shape == fast_out[key].shape, key
+        assert base_out[key].dtype == fast_out[key].dtype == torch.uint8, key
+    for fn in pipelines.values():  # warm-up
+        time_per_image(fn, img, 5)
+    times: dict[str, list[float]] = {name: [] for name in pipelines}
+    for _ in range(args.rounds):
+        for name, fn in pipelines.items():
+            times[name].append(time_per_image(fn, img, args.per_round))
+    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    base = med["baseline (PIL, view by view)"]
+    print(f"jigsaw + image views, paper preset (view {v.image_size}, crop {v.jigsaw_crop}, cell "
+          f"{v.cell}, patch {v.patch}), {img.width}x{img.height} PIL input, 1 thread, "
+          f"torch {torch.__version__}; median of {args.rounds} rounds x {args.per_round} images")
+    print()
+    print("| pipeline | ms/image | images/s | speed-up vs baseline |")
+    print("|---|---|---|---|")
+    for name, ms in med.items():
+        print(f"| {name.strip()} | {ms:.2f} | {1e3 / ms:.0f} | {base / ms:.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The views the network sees (PIRL.md, "Views"), the train / eval transforms and ``show_views``.
+
+* Image view I: random resized crop to ``image_size`` (area ``image_scale_min``..1, aspect
+  3/4..4/3), horizontal flip, colour jitter (with probability ``jitter_prob``), random grayscale.
+* Jigsaw view I^t: :class:`pirl.data.jigsaw.JigsawView` (re-exported here).
+* Rotation view: an independently augmented image view rotated by 0 / 90 / 180 / 270 degrees.
+* Jigsaw+Rotation: the jigsaw crop is rotated first, then cut into patches.
+
+Every view returns uint8 tensors (4x less traffic between DataLoader workers and the trainer than
+float); :func:`normalize` turns them into ImageNet-normalised floats on whatever device they end on.
+Each transform converts a decoded PIL image to a uint8 tensor once and does all crops, resizes and
+colour operations on tensors; see :mod:`pirl.data.augment` for the batched colour jitter and its
+(small, documented) differences from torchvision's ``ColorJitter``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from pirl.config import Config, ViewConfig
+from pirl.data.augment import (
+    ImageLike,
+    Photometric,
+    apply_photometric,
+    resize,
+    resized_crop,
+    sample_crop_box,
+    sample_photometric,
+    to_uint8_tensor,
+)
+from pirl.data.jigsaw import JigsawParams, JigsawView, maximal_hamming_permutations
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "ImageView", "ImageParams", "JigsawView",
+    "JigsawParams", "RotationView", "maximal_hamming_permutations", "build_train_transform",
+    "build_eval_transform", "TrainTransform", "EvalTransform", "show_views",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(x: Tensor) -> Tensor:
+    """uint8 ``[...,3,H,W]`` (0..255) -> float32 ``(x / 255 - mean) / std`` with ImageNet's
+    per-channel mean and std, on ``x``'s device (call it after the transfer to the GPU)."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 images, got {x.dtype}")
+    if x.dim() < 3 or x.shape[-3] != 3:
+        raise ValueError(f"normalize expects [...,3,H,W], got {list(x.shape)}")
+    # (x/255 - m)/s = x * (1/(255 s)) - m/s: one multiply-add per element.
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    return x.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+
+
+@dataclass
+class ImageParams:
+    """What was drawn for one image view: the crop ``(top, left, h, w)`` in the input image and
+    the photometric parameters (None when photometric augmentation is off)."""
+
+    crop_box: tuple[int, int, int, int]
+    photometric: Photometric | None
+
+
+class ImageView:
+    """The image view I: ``__call__(img) -> uint8 [3,S,S]`` with S = ``cfg.image_size``.
+
+    ``photometric=False`` keeps only the random resized crop (for tests and inspection);
+    ``generator`` optionally replaces torch's global generator.
+    """
+
+    def __init__(self, cfg: ViewConfig, photometric: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        self.cfg = cfg
+        self.photometric = photometric
+        self.generator = generator
+
+    def __call__(self, img: ImageLike, return_params: bool = False
+                 ) -> Tensor | tuple[Tensor, ImageParams]:
+        view, params = self.crop(img)
+        if self.photometric:
+            params.photometric = sample_photometric(1, self.cfg, self.generator)
+            view = apply_photometric(view[None], params.photometric)[0]
+        else:
+            view = view.contiguous()
+        if return_params:
+            return view, params
+        return view
+
+    def crop(self, img: ImageLike) -> tuple[Tensor, ImageParams]:
+        """The geometric part alone: the random resized crop ``[3,S,S]`` uint8 (possibly
+        channels-last strided) and its parameters (``photometric=None``)."""
+        cfg = self.cfg
+        x = to_uint8_tensor(img)
+        box = sample_crop_box(x.shape[1], x.shape[2], (cfg.image_scale_min, 1.0), self.generator)
+        return resized_crop(x, box, cfg.image_size), ImageParams(box, None)
+
+
+class RotationView:
+    """A standard-augmented image view rotated by ``90 * r`` degrees counter-clockwise
+    (``torch.rot90``), r uniform in 0..3: ``__call__(img) -> (uint8 [3,S,S], r)``."""
+
+    def __init__(self, cfg: ViewConfig, photometric: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        self.image_view = ImageView(cfg, photometric, generator)
+        self.generator = generator
+
+    def __call__(self, img: ImageLike) -> tuple[Tensor, int]:
+        view = self.image_view(img)
+        assert isinstance(view, Tensor)
+        r = int(torch.randint(4, (1,), generator=self.generator))
+        return torch.rot90(view, r, dims=(1, 2)).contiguous(), r
+
+
+class TrainTransform:
+    """PIL image -> dict of uint8 views (and labels) for one training sample.
+
+    Keys by ``objective.method`` / ``objective.pretext`` (docs/ARCHITECTURE.md):
+
+    | method / pretext        | keys                                                       |
+    |-------------------------|------------------------------------------------------------|
+    | pirl / jigsaw           | image [3,S,S], patches [P,3,p,p] (random order)            |
+    | pirl / rotation         | image [3,S,S], rotated [3,S,S]                             |
+    | pirl / jigsaw+rotation  | image [3,S,S], patches [P,3,p,p] cut from the rotated crop |
+    | jigsaw (baseline)       | patches [P,3,p,p] ordered by a permutation, perm_label ()  |
+    | rotation (baseline)     | rotated [3,S,S], rotation ()                               |
+    | npid                    | image [3,S,S]                                              |
+
+    Picklable (DataLoader workers); randomness from torch's global generator unless one is given.
+    """
+
+    def __init__(self, cfg: Config, permutations: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        v, o = cfg.views, cfg.objective
+        self.views = v
+        self.method, self.pretext = o.method, o.pretext
+        self.generator = generator
+        self.image_view = ImageView(v, generator=generator)
+        self.jigsaw_view: JigsawView | None = None
+        self.rotation_view: RotationView | None = None
+        self.permutations: Tensor | None = None
+        if self.method == "pirl" and self.pretext in ("jigsaw", "jigsaw+rotation"):
+            self.jigsaw_view = JigsawView(v, rotate=self.pretext == "jigsaw+rotation",
+                                          generator=generator)
+        elif self.method == "pirl" and self.pretext == "rotation":
+            self.rotation_view = RotationView(v, generator=generator)
+        elif self.method == "pirl":
+            raise ValueError(f"objective.pretext={self.pretext!r}: no view for this pretext")
+        elif self.method == "jigsaw":
+            # Row-major cells; the order comes from the permutation set instead.
+            self.jigsaw_view = JigsawView(v, shuffle=False, generator=generator)
+            if permutations is None:
+                permutations = maximal_hamming_permutations(o.num_permutations, v.grid, seed=0)
+            if permutations.dim() != 2 or permutations.shape[1] != v.grid * v.grid:
+                raise ValueError(f"permutations: expected [n, {v.grid * v.grid}], got "
+                                 f"{list(permutations.shape)}")
+            self.permutations = permutations.long()
+        elif self.method == "rotation":
+            self.rotation_view = RotationView(v, generator=generator)
+        elif self.method != "npid":
+            raise ValueError(f"objective.method={self.method!r}: no views for this method")
+
+    def __call__(self, img: ImageLike) -> dict[str, Tensor]:
+        x = to_uint8_tensor(img)  # decode-to-tensor once, shared by every view of the sample
+        out: dict[str, Tensor] = {}
+        if self.method == "npid" or (self.method == "pirl" and self.jigsaw_view is None):
+            image = self.image_view(x)
+            assert isinstance(image, Tensor)
+            out["image"] = image
+        if self.method == "jigsaw":
+            assert self.jigsaw_view is not None and self.permutations is not None
+            cells, _ = self.jigsaw_view(x)[:2]
+            label = int(torch.randint(len(self.permutations), (1,), generator=self.generator))
+            out["patches"] = cells[self.permutations[label]]  # k-th patch = cell perm[k]
+            out["perm_label"] = torch.tensor(label, dtype=torch.long)
+        elif self.jigsaw_view is not None:
+            # The fast path: crops first, then the colour augmentation of the image view and
+            # its P patches, each with its own parameters, in one batched call.
+            view, _ = self.image_view.crop(x)
+            patches, _ = self.jigsaw_view.cut(x)
+            photo = sample_photometric(1 + len(patches), self.views, self.generator)
+            image, patches = apply_photometric([view[None], patches], photo)
+            out["image"], out["patches"] = image[0], patches
+        if self.rotation_view is not None:
+            rotated, r = self.rotation_view(x)
+            out["rotated"] = rotated
+            if self.method == "rotation":
+                out["rotation"] = torch.tensor(r, dtype=torch.long)
+        return out
+
+
+def build_train_transform(cfg: Config, permutations: Tensor | None = None
+                          ) -> Callable[[ImageLike], dict[str, Tensor]]:
+    """The training transform for ``cfg`` (keys in :class:`TrainTransform`).  For the jigsaw
+    baseline ``permutations`` (Long ``[n, P]``) is the permutation set; when None the set is
+    ``maximal_hamming_permutations(objective.num_permutations, views.grid, seed=0)``."""
+    return TrainTransform(cfg, permutations)
+
+
+class EvalTransform:
+    """Resize the shorter side to ``eval_resize`` (bilinear, antialiased), centre-crop
+    ``image_size``: PIL -> uint8 ``[3,S,S]``.  Deterministic."""
+
+    def __init__(self, cfg: ViewConfig) -> None:
+        if cfg.eval_resize < cfg.image_size:
+            raise ValueError(f"views.eval_resize={cfg.eval_resize} is below "
+                             f"views.image_size={cfg.image_size}")
+        self.resize_to = cfg.eval_resize
+        self.size = cfg.image_size
+
+    def __call__(self, img: ImageLike) -> Tensor:
+        x = to_uint8_tensor(img)
+        h, w = x.shape[1], x.shape[2]
+        # Same rounding as torchvision's Resize(int): the longer side is truncated.
+        if h <= w:
+            new = (self.resize_to, int(self.resize_to * w / h))
+        else:
+            new = (int(self.resize_to * h / w), self.resize_to)
+        x = resize(x, new)
+        top = int(round((new[0] - self.size) / 2.0))
+        left = int(round((new[1] - self.size) / 2.0))
+        return x[:, top:top + self.size, left:left + self.size].contiguous()
+
+
+def build_eval_transform(cfg: ViewConfig) -> Callable[[ImageLike], Tensor]:
+    """The evaluation transform (see :class:`EvalTransform`)."""
+    return EvalTransform(cfg)
+
+
+class _Source(Protocol):
+    def __len__(self) -> int: ...
+    def load(self, i: int) -> Image.Image: ...
+
+
+def _chw_to_hwc(x: Tensor) -> Any:
+    return x.permute(1, 2, 0).numpy()
+
+
+def show_views(source: _Source | Sequence[Image.Image], cfg: Config, out: str, n: int = 4,
+               seed: int = 0) -> None:
+    """Draw ``n`` images, one per row: the original, its image view, and its jigsaw patches in
+    the order the network receives them, each titled with the grid cell it was cut from.
+
+    ``source`` is an :class:`~pirl.data.datasets.ImageSource` (anything with ``len`` and
+    ``load(i)``) or a sequence of PIL images; the rows are spread evenly over it, so an
+    ImageFolder (sorted by class) shows several classes.  Writes a PNG to ``out``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    size = len(source)
+    if size == 0:
+        raise ValueError("show_views: the source holds no images")
+    n = min(n, size)
+    indices = sorted({round(i * (size - 1) / max(n - 1, 1)) for i in range(n)})
+    g = torch.Generator().manual_seed(seed)
+    image_view = ImageView(cfg.views, generator=g)
+    jigsaw_view = JigsawView(cfg.views, rotate=cfg.objective.pretext == "jigsaw+rotation",
+                             generator=g)
+    P, grid = jigsaw_view.num_patches, cfg.views.grid
+    cols = 2 + P
+    fig, axes = plt.subplots(len(indices), cols, figsize=(1.3 * cols, 1.5 * len(indices)),
+                             squeeze=False)
+    for row, i in enumerate(indices):
+        img = source.load(i) if hasattr(source, "load") else source[i]
+        img = img.convert("RGB")
+        view = image_view(img)
+        patches, order = jigsaw_view(img)[:2]
+        assert isinstance(view, Tensor)
+        panels = [(_chw_to_hwc(to_uint8_tensor(img)), f"#{i} {img.width}x{img.height}"),
+                  (_chw_to_hwc(view), f"view {cfg.views.image_size}")]
+        for k, c in enumerate(order.tolist()):
+            panels.append((_chw_to_hwc(patches[k]), f"cell {c} ({c // grid},{c % grid})"))
+        for ax, (pixels, title) in zip(axes[row], panels, strict=True):
+            ax.imshow(pixels, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.suptitle(f"image view and {P} jigsaw patches (crop {cfg.views.jigsaw_crop}, cell "
+                 f"{cfg.views.cell}, patch {cfg.views.patch}); patches in network order",
+                 fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
