@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pirl.logs import RunLogger
-from pirl.methods import Objective
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -35,6 +33,8 @@ from pirl.data import ViewDataset, open_source
 from pirl.data.sampler import EpochSampler, SeededViews, seed_everything
 from pirl.data.views import build_train_transform, maximal_hamming_permutations, normalize
 from pirl.distributed import DistEnv, all_reduce_mean, setup_distributed
+from pirl.logs import RunLogger
+from pirl.methods import Objective
 from pirl.models.pirl import build_model
 from pirl.schedule import build_optimizer, lr_at, peak_lr, set_lr
 
