@@ -66,7 +66,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pirl.demo import run_demo
 
-    return run_demo(Path(args.out), device=args.device, epochs=args.epochs, quiet=args.quiet)
+    return run_demo(Path(args.out), device=args.device, epochs=args.epochs, quiet=args.quiet,
+                    overrides=args.overrides)
 
 
 def _cmd_show_views(args: argparse.Namespace) -> int:
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if any)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides on top of the demo preset (see `pirl config --preset "
+                   "demo`)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="pretrain a trunk without labels")

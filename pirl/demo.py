@@ -18,21 +18,21 @@ TRAIN, VAL = "synthetic", "synthetic:val"
 
 
 def run_demo(out: Path, device: str | None = None, epochs: int | None = None,
-             quiet: bool = False) -> int:
+             quiet: bool = False, overrides: list[str] | None = None) -> int:
     """Run the demo into ``out``; prints a table and writes ``demo.json`` and ``training.png``."""
-    from pirl.plots import plot_runs
-
     from pirl.data import open_source
     from pirl.distributed import setup_distributed
     from pirl.evaluate.features import EvalSettings
     from pirl.evaluate.knn import run_knn
     from pirl.models.trunk import build_trunk
+    from pirl.plots import plot_runs
     from pirl.train import pretrain
 
     cfg = C.from_preset("demo")
     if epochs is not None:
         cfg.optim.epochs = epochs
     cfg.train.quiet = quiet
+    C.apply_overrides(cfg, overrides or [])
     C.validate(cfg)
     start = time.perf_counter()
     result = pretrain(cfg, TRAIN, out, device=device)
