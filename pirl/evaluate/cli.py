@@ -1,0 +1,327 @@
+"""``pirl eval <protocol>``: the evaluation protocols on the command line.
+
+Every protocol prints a markdown table and writes ``<out>/<protocol>.json`` (plus a PNG for
+invariance and neighbors).  The evaluation view (centre crop) comes from ``--image-size`` or
+``--preset``; without either, from the checkpoint's training config when it has one, else the
+paper's 224 px.  Exit codes: 0 done, 2 bad input (checkpoint, data, options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pirl import config as C
+from pirl.data.datasets import ImageSource
+from pirl.evaluate.features import EvalSettings, default_cache_dir, trunk_fingerprint
+from pirl.evaluate.metrics import markdown_table
+from pirl.models.trunk import STAGES
+
+PROTOCOLS = ("knn", "linear", "svm", "finetune", "invariance", "neighbors")
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _common(p: argparse.ArgumentParser, needs_train: bool, many_checkpoints: bool) -> None:
+    p.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
+                   help="pirl checkpoint (any method), trunk.pt, torchvision / Detectron2 / VISSL "
+                   "file, or 'random' (with --arch)"
+                   + ("; repeat to overlay several" if many_checkpoints else ""))
+    p.add_argument("--arch", default=None, choices=C.ARCHS,
+                   help="architecture for --checkpoint random (files: inferred, must agree)")
+    p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
+                   help="3x3 stride-1 stem, for --checkpoint random on 32-64 px images")
+    if needs_train:
+        p.add_argument("--train-data", required=True,
+                       help="labelled training split: ImageFolder folder or .tar, or 'synthetic'")
+    p.add_argument("--val-data", required=True,
+                   help="labelled evaluation split (same class folders as the training split)")
+    p.add_argument("--out", default="runs/eval", help="folder for the JSON / PNG results "
+                   "(default: runs/eval)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="evaluation crop side, px (resize = ~256/224 of it; jigsaw geometry "
+                   "scaled likewise).  Default: the checkpoint's training size, else 224")
+    p.add_argument("--preset", default=None, choices=C.PRESETS,
+                   help="take the view geometry from this preset instead of --image-size")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="images per forward pass when extracting features")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if any)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--cache-dir", default=default_cache_dir(),
+                   help="feature cache (default: $PIRL_CACHE_DIR or ~/.cache/pirl/features)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every random choice (augmentations, subsets, queries)")
+
+
+def _stage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", default="res5", choices=STAGES,
+                   help="trunk stage whose pooled features are used (default: res5)")
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``eval`` and its protocols on the ``pirl`` subcommand parser."""
+    ev = subparsers.add_parser("eval", help="evaluate a trunk: knn, linear, svm, finetune, "
+                               "invariance, neighbors")
+    sub = ev.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+
+    p = sub.add_parser("knn", help="NPID weighted kNN on frozen features (top-1 / top-5)")
+    _common(p, True, False)
+    _stage_arg(p)
+    p.add_argument("--k", type=int, default=200, help="neighbours that vote (NPID: 200)")
+    p.add_argument("--tau", type=float, default=0.07, help="vote weight exp(similarity / tau)")
+
+    p = sub.add_parser("linear", help="linear probe on a frozen stage (Table 7 with --layers all)")
+    _common(p, True, False)
+    p.add_argument("--layers", default="res5",
+                   help=f"comma-separated stages from {','.join(STAGES)}, or 'all' (prints the "
+                   "per-layer table with the best layer marked)")
+    p.add_argument("--epochs", type=int, default=30,
+                   help="training epochs; lr x0.1 after 1/3 and 2/3 of them")
+    p.add_argument("--aug-copies", type=int, default=5,
+                   help="augmented copies of the training split whose features are extracted "
+                   "(epoch e uses copy e mod N); = --epochs gives a fresh augmentation every epoch "
+                   "at epochs/N times the trunk compute")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--probe-batch-size", type=int, default=256,
+                   help="minibatch of the linear classifier's SGD")
+    p.add_argument("--no-standardize", action="store_true",
+                   help="train on raw pooled features (default: standardised with training "
+                   "mean/std, which lets one lr serve every stage)")
+
+    p = sub.add_parser("svm", help="one-vs-rest linear SVMs, cost by cross-validation (mAP)")
+    _common(p, True, False)
+    _stage_arg(p)
+    p.add_argument("--costs", default="0.01,0.1,1,10,100",
+                   help="comma-separated SVM costs C tried by cross-validation")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds")
+
+    p = sub.add_parser("finetune", help="fine-tune the whole network on 1%% / 10%% of the labels")
+    _common(p, True, False)
+    p.add_argument("--fraction", type=float, default=0.01,
+                   help="labelled fraction of the training split, class-balanced (0.01 or 0.1)")
+    p.add_argument("--epochs", type=int, default=30,
+                   help="training epochs over the subset; lr x0.1 after 1/3 and 2/3")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--ft-batch-size", type=int, default=64,
+                   help="fine-tuning minibatch (a 1%% subset may hold only ~100 images)")
+
+    p = sub.add_parser("invariance", help="distance between representations of I and I^t, "
+                       "histograms of several checkpoints overlaid (PIRL Fig. 5)")
+    _common(p, False, True)
+    p.add_argument("--png", default="invariance.png", help="histogram file name inside --out")
+
+    p = sub.add_parser("neighbors", help="PNG grid of val queries and their nearest training "
+                       "images")
+    _common(p, True, False)
+    _stage_arg(p)
+    p.add_argument("--queries", type=int, default=8, help="number of query rows in the grid")
+    p.add_argument("--k", type=int, default=5, help="neighbours per query")
+    p.add_argument("--png", default="neighbors.png", help="grid file name inside --out")
+
+    for name, parser in sub.choices.items():
+        parser.set_defaults(func=run_eval, protocol=name)
+    return ev
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def scaled_views(image_size: int) -> C.ViewConfig:
+    """View geometry for ``image_size``: the config's preset table when it has that size, else
+    the same ratios (crop 255/224, cell crop/3, patch cell*64/85, resize 256/224)."""
+    views = C.ViewConfig()
+    try:
+        numbers = C.view_preset(image_size)
+    except C.ConfigError:
+        crop = max(3, round(image_size * 255 / 224))
+        cell = crop // 3
+        numbers = {"image_size": image_size, "jigsaw_crop": crop, "cell": cell,
+                   "patch": max(1, round(cell * 64 / 85)),
+                   "eval_resize": round(image_size * 256 / 224)}
+    for key, value in numbers.items():
+        setattr(views, key, value)
+    return views
+
+
+def resolve_views(args: argparse.Namespace, trained: C.Config | None) -> tuple[C.ViewConfig, str]:
+    """(views, where they came from): --image-size, --preset, the checkpoint, or the paper."""
+    if args.image_size is not None and args.preset is not None:
+        raise C.ConfigError("give --image-size or --preset, not both")
+    if args.image_size is not None:
+        if args.image_size < 8:
+            raise C.ConfigError(f"--image-size={args.image_size}: must be at least 8 px")
+        return scaled_views(args.image_size), f"--image-size {args.image_size}"
+    if args.preset is not None:
+        return C.from_preset(args.preset).views, f"preset {args.preset}"
+    if trained is not None:
+        return copy.deepcopy(trained.views), "checkpoint config"
+    return C.Config().views, "default (224 px)"
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _write_json(out: Path, protocol: str, result: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{protocol}.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _parse_floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise C.ConfigError(f"{what}={text!r}: expected comma-separated numbers") from None
+    if not values:
+        raise C.ConfigError(f"{what}={text!r}: no value")
+    return values
+
+
+def parse_layers(text: str) -> list[str]:
+    """'all' -> every stage; 'res4,res5' -> those, checked."""
+    if text.strip() == "all":
+        return list(STAGES)
+    layers = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in layers if s not in STAGES]
+    if bad or not layers:
+        raise C.ConfigError(f"--layers={text!r}: choose stages from {','.join(STAGES)} or 'all'")
+    return layers
+
+
+# ----------------------------------------------------------------------------- handler
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Handler of ``pirl eval <protocol>``: returns the exit code."""
+    from pirl.export import CheckpointError as ExportCheckpointError
+
+    try:
+        return _run(args)
+    except (ExportCheckpointError, C.ConfigError, ValueError) as e:
+        # ValueError: the protocols' input checks (class lists differ, bad k, bad fraction...)
+        print(f"pirl eval {args.protocol}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pirl.data.datasets import open_source
+    from pirl.evaluate.loading import load_eval_model, unique_labels
+
+    protocol = args.protocol
+    if protocol != "invariance" and len(args.checkpoint) != 1:
+        raise C.ConfigError(f"pirl eval {protocol} takes one --checkpoint (got "
+                            f"{len(args.checkpoint)}); only invariance overlays several")
+    for path in args.checkpoint:
+        if path == "random" and args.arch is None:
+            raise C.ConfigError("--checkpoint random needs --arch (resnet18, resnet34, resnet50)")
+        if path != "random" and not Path(path).is_file():
+            raise C.ConfigError(f"--checkpoint {path}: no such file")
+    if args.batch_size < 1 or args.workers < 0:
+        raise C.ConfigError(f"--batch-size ({args.batch_size}) must be >= 1 and --workers "
+                            f"({args.workers}) >= 0")
+    names = unique_labels(args.checkpoint)
+    # A random-init baseline must be the same trunk every time (reproducible, and its features
+    # cacheable): its weights come from torch's generator, seeded here.
+    torch.manual_seed(args.seed)
+    models = [load_eval_model(p, args.arch, args.small_stem, name=n)
+              for p, n in zip(args.checkpoint, names, strict=True)]
+    views, views_from = resolve_views(args, models[0].config)
+    settings = EvalSettings(device=_device(args.device), batch_size=args.batch_size,
+                            workers=args.workers, quiet=args.quiet,
+                            cache_dir=None if args.no_cache else args.cache_dir)
+    val = open_source(args.val_data)
+    out = Path(args.out)
+    meta = {"checkpoint": args.checkpoint if protocol == "invariance" else args.checkpoint[0],
+            "train_data": getattr(args, "train_data", None), "val_data": args.val_data,
+            "views": dataclasses.asdict(views), "views_from": views_from,
+            "device": str(settings.device),
+            # which weights were evaluated, whatever the file is called (also the cache key)
+            "trunk_hash": [trunk_fingerprint(m.trunk) for m in models]}
+    trunk = models[0].trunk
+
+    if protocol == "invariance":
+        from pirl.evaluate.invariance import run_invariance
+
+        r = run_invariance(models, val, views, settings, out_png=out / args.png, seed=args.seed)
+        rows = []
+        for name, m in r["models"].items():
+            heads = m["heads"]
+            rows.append([name, m["trunk"]["mean"], m["trunk"]["std"],
+                         heads["mean"] if heads else "-", heads["std"] if heads else "-"])
+        table = markdown_table(["checkpoint", "res5 mean", "res5 std", "f-g mean", "f-g std"],
+                               rows)
+    else:
+        r, table = _frozen_or_finetune(args, trunk, names[0], open_source(args.train_data), val,
+                                       views, settings, out)
+
+    path = _write_json(out, protocol, {**r, "meta": meta})
+    print(table)
+    print(f"\nwrote {path}" + (f" and {r['png']}" if r.get("png") else ""))
+    return 0
+
+
+def _frozen_or_finetune(args: argparse.Namespace, trunk: torch.nn.Module, name: str,
+                        train: ImageSource, val: ImageSource, views: C.ViewConfig,
+                        settings: EvalSettings, out: Path) -> tuple[dict[str, Any], str]:
+    """Run one of the protocols that need a training split: (result, markdown table)."""
+    protocol = args.protocol
+    if protocol == "knn":
+        from pirl.evaluate.knn import run_knn
+
+        r = run_knn(trunk, train, val, views, settings, k=args.k, tau=args.tau, stage=args.stage)
+        table = markdown_table(["checkpoint", "stage", "k", "top-1", "top-5"],
+                               [[name, r["stage"], r["k"], r["top1"], r["top5"]]])
+    elif protocol == "linear":
+        from pirl.evaluate.linear import details_table, layer_table, run_linear
+
+        r = run_linear(trunk, train, val, views, settings, stages=parse_layers(args.layers),
+                       epochs=args.epochs, aug_copies=args.aug_copies, lr=args.lr,
+                       momentum=args.momentum, weight_decay=args.weight_decay,
+                       batch_size=args.probe_batch_size, seed=args.seed,
+                       standardize=not args.no_standardize)
+        table = details_table(r)
+        if len(r["layers"]) > 1:
+            table = layer_table(r, name) + "\n\n" + table
+    elif protocol == "svm":
+        from pirl.evaluate.svm import run_svm
+
+        r = run_svm(trunk, train, val, views, settings, stage=args.stage,
+                    costs=_parse_floats(args.costs, "--costs"), folds=args.folds, seed=args.seed)
+        table = markdown_table(["checkpoint", "stage", "mAP", "top-1"],
+                               [[name, r["stage"], r["mAP"], r["top1"]]])
+    elif protocol == "finetune":
+        from pirl.evaluate.finetune import run_finetune
+
+        r = run_finetune(trunk, train, val, views, settings, fraction=args.fraction,
+                         epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                         weight_decay=args.weight_decay, batch_size=args.ft_batch_size,
+                         seed=args.seed)
+        table = markdown_table(["checkpoint", "labels", "images", "top-1", "top-5"],
+                               [[name, f"{100 * r['fraction']:g}%", r["subset_size"],
+                                 r["top1"], r["top5"]]])
+    else:  # neighbors
+        from pirl.evaluate.neighbors import run_neighbors
+
+        r = run_neighbors(trunk, train, val, views, settings, out_png=out / args.png,
+                          num_queries=args.queries, k=args.k, seed=args.seed, stage=args.stage)
+        table = markdown_table(["checkpoint", "stage", "k", "precision@k"],
+                               [[name, r["stage"], r["k"], r["precision_at_k"]]])
+    return r, table
