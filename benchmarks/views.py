@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import tarfile
@@ -58,7 +59,7 @@ def load_input(path: str | None, side: int = 256) -> Image.Image:
         rng = np.random.default_rng(0)
         small = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
         img = Image.fromarray(small)
-    return img.resize((side, side), Image.BILINEAR)
+    return img.resize((side, side), Image.Resampling.BILINEAR)
 
 
 class BaselinePIL:
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     base = med["baseline (PIL, view by view)"]
     print(f"jigsaw + image views, paper preset (view {v.image_size}, crop {v.jigsaw_crop}, cell "
           f"{v.cell}, patch {v.patch}), {img.width}x{img.height} PIL input, 1 thread, "
-          f"torch {torch.__version__}; median of {args.rounds} rounds x {args.per_round} images")
+          f"torch {torch.__version__}; median of {args.rounds} rounds x {args.per_round} images; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine)")
     print()
     print("| pipeline | ms/image | images/s | speed-up vs baseline |")
     print("|---|---|---|---|")

@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,11 @@ VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not fit the run (message names the file)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose unpickling would run code.  Never silently replaced by an older file:
+    a crafted file in a run folder is a security problem to look at, not a disk fault."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -67,7 +73,10 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that name the file.
 
     weights_only's unpickler only rebuilds tensors and plain containers/numbers/strings, so a
-    malicious pickle cannot run code here; its refusal becomes a :class:`CheckpointError`.
+    malicious pickle cannot run code here.  Its refusal of a *global* (a function or class the
+    pickle wants to call: ``os.system``, ``eval``, any custom class) becomes an
+    :class:`UnsafeCheckpointError`; its other failures (garbage bytes: "Unsupported operand")
+    mean a damaged file and become a plain :class:`CheckpointError`.
     """
     p = Path(path)
     if not p.is_file():
@@ -75,22 +84,36 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            raise CheckpointError(
-                f"{p}: refused to load: unpickling it would need arbitrary code (objects other "
-                "than tensors, numbers, strings and containers); pirl only reads weights-only "
-                "checkpoints") from None
-        raise CheckpointError(f"{p}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        text = str(e)
+        wanted = _GLOBAL.search(text)
+        if wanted or "global" in text.lower():
+            what = f" ({wanted.group(1)})" if wanted else ""
+            raise UnsafeCheckpointError(
+                f"{p}: refused to load: unpickling it would run arbitrary code{what}; nothing "
+                "in it was executed. pirl only reads weights-only checkpoints (tensors, numbers, "
+                "strings and containers)") from None
+        raise CheckpointError(f"{p}: not a PyTorch checkpoint (damaged or not a checkpoint: "
+                              f"{_weights_only_reason(text)})") from None
     except Exception as e:
         # A text or truncated file surfaces as KeyError, EOFError, RuntimeError (zip reader), ...
         raise CheckpointError(
             f"{p}: not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
 
 
+# torch words it "unsupported GLOBAL posix.system whose module ..." or "Unsupported global:
+# GLOBAL builtins.eval was not an allowed global"
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _weights_only_reason(text: str) -> str:
+    """The unpickler's own reason inside torch's long weights_only message."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return m.group(1).strip() if m else _first_line(ValueError(text))
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "empty or truncated file"
-
 
 
 def save_run_checkpoint(state: dict[str, Any], run_dir: Path) -> Path:
@@ -105,7 +128,9 @@ def load_run_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     """The newest readable checkpoint in ``run_dir``, or ``None`` when there is none.
 
     If the latest cannot be read (a disk fault, a truncated copy), the previous one is used with a
-    warning; if neither can be read, the error names both files.
+    warning; if neither can be read, the error names both files.  A checkpoint refused because
+    unpickling it would run code raises :class:`UnsafeCheckpointError` at once: someone put it
+    there, and quietly training on from the previous file would hide that.
     """
     run_dir = Path(run_dir)
     latest, previous = run_dir / LATEST, run_dir / PREVIOUS
@@ -118,12 +143,18 @@ def load_run_checkpoint(run_dir: Path) -> dict[str, Any] | None:
             continue
         try:
             ckpt = safe_load(path)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as e:
             errors.append(str(e))
-            log.warning("%s; trying the previous checkpoint", e)
+            if path == latest:
+                log.warning("%s; trying the previous checkpoint", e)
             continue
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             errors.append(f"{path}: not a pirl training checkpoint")
+            if path == latest:
+                log.warning("%s: not a pirl training checkpoint; trying the previous checkpoint",
+                            path)
             continue
         if path == previous:
             log.warning("resuming from the previous checkpoint %s", path)
@@ -135,7 +166,7 @@ def load_run_checkpoint(run_dir: Path) -> dict[str, Any] | None:
 
 def rng_state() -> dict[str, Any]:
     """Every global RNG state, in types ``weights_only`` loading accepts."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # typed as dict | tuple; legacy form is a tuple
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

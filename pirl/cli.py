@@ -1,13 +1,16 @@
 """The ``pirl`` command: thin argument parsing that hands over to the package's functions.
 
-Exit codes: 0 success, 1 a failure during work (e.g. a non-finite loss), 2 bad input (config,
-command line, data path, checkpoint) detected before any heavy work.
+Exit codes: 0 success, 1 a failure during work (a non-finite loss, an unreadable image under
+``--strict-data``), 2 bad input (config, command line, data path, empty dataset, checkpoint of
+another run or one that would run code) detected before any heavy work.  These errors are one
+line on stderr, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +62,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / args.preset
     result = pretrain(cfg, args.data, out, val_data=args.val_data, explicit_negatives=explicit,
                       device=args.device)
-    print(f"run folder: {result.run_dir}  (trunk weights: {result.trunk_path})")
+    from pirl.distributed import cleanup_distributed
+
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, not one per process
+        print(f"run folder: {result.run_dir}  (trunk weights: {result.trunk_path})")
+    cleanup_distributed()
     return 0
 
 
@@ -167,37 +174,58 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--min-size", type=int, default=1, help="smallest acceptable side, px")
     q.set_defaults(func=_cmd_data_check)
 
+    from pirl.bench import add_bench_parser
     from pirl.evaluate.cli import add_eval_parser
     from pirl.plots import add_plot_parser
 
     add_eval_parser(sub)
+    add_bench_parser(sub)
     add_plot_parser(sub)
     return parser
+
+
+def _worker_message(e: BaseException) -> str:
+    """The original message of an exception re-raised from a DataLoader worker.
+
+    torch re-raises a worker's exception as the same type whose message is the whole worker
+    traceback ("Caught X in DataLoader worker process 0. Original Traceback ... X: message");
+    the last line is the message the user needs."""
+    text = str(e).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    name = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pirl`` console script and ``python -m pirl``."""
     from pirl.checkpoint import CheckpointError
+    from pirl.data.datasets import DatasetError, UnreadableDataError
     from pirl.logs import setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(quiet=False, rank=0)
+    setup_logging(quiet=False, rank=int(os.environ.get("RANK", "0")))  # set by torchrun
     if args.verbose:
         logging.getLogger("pirl").setLevel(logging.DEBUG)
     try:
         return int(args.func(args) or 0)
-    except (C.ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (C.ConfigError, CheckpointError, DatasetError, FileNotFoundError) as e:
         print(f"pirl: error: {e}", file=sys.stderr)
         return 2
+    except UnreadableDataError as e:
+        print(f"pirl: error: {_worker_message(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pirl: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
     except RuntimeError as e:
+        from pirl.distributed import ReplicaDriftError
         from pirl.train import NonFiniteLossError
 
-        if isinstance(e, NonFiniteLossError):
+        if isinstance(e, (NonFiniteLossError, ReplicaDriftError)):
             print(f"pirl: error: {e}", file=sys.stderr)
             return 1
         raise

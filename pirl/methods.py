@@ -34,7 +34,7 @@ from torch import Tensor
 
 from pirl import losses as L
 from pirl.config import Config
-from pirl.distributed import all_gather_cat, is_distributed
+from pirl.distributed import all_gather_cat, all_gather_ragged, is_distributed
 from pirl.memory_bank import MemoryBank, gather_scores, shared_scores
 
 BANK_METHODS = ("pirl", "npid")
@@ -44,22 +44,6 @@ def _need(d: dict[str, Tensor], key: str, what: str, method: str) -> Tensor:
     if key not in d:
         raise KeyError(f"objective {method!r} needs {what}[{key!r}]; it has keys {sorted(d)}")
     return d[key]
-
-
-def _gather_ragged(t: Tensor) -> Tensor:
-    """:func:`all_gather_cat` for per-rank batches whose sizes may differ (a rank that skipped an
-    unreadable image has a shorter batch): pad to the largest size, gather, drop the padding.
-    ``t`` ``[B, ...]`` -> ``[sum of B over ranks, ...]`` in rank order."""
-    if not is_distributed():
-        return t
-    n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
-    sizes = all_gather_cat(n).tolist()
-    biggest = max(sizes)
-    if biggest == t.shape[0] and all(s == biggest for s in sizes):
-        return all_gather_cat(t)
-    pad = t.new_zeros((biggest - t.shape[0], *t.shape[1:]))
-    full = all_gather_cat(torch.cat([t, pad], dim=0))
-    return torch.cat([full[r * biggest: r * biggest + s] for r, s in enumerate(sizes)], dim=0)
 
 
 class Objective:
@@ -90,11 +74,11 @@ class Objective:
             # Same seed on every rank: identical replicas without a broadcast.
             self.bank = MemoryBank(self.dataset_size, cfg.model.embed_dim, o.bank_dtype,
                                    seed=cfg.train.seed).to(self.device)
-            # Each rank draws its own negatives (its samples differ anyway); the bank update does
-            # not depend on them, so replicas cannot drift through this.
-            rank = torch.distributed.get_rank() if is_distributed() else 0
+            # The same seed on every rank, and every rank makes the same draws (those of the
+            # whole global batch, see _negative_indices): the generator state stays identical
+            # across ranks, so the one state a checkpoint saves resumes every rank exactly.
             self.generator = torch.Generator(device=self.device)
-            self.generator.manual_seed(cfg.train.seed * 1_000_003 + 7919 * rank + 1)
+            self.generator.manual_seed(cfg.train.seed * 1_000_003 + 1)
         elif self.method not in ("jigsaw", "rotation"):
             raise ValueError(f"objective.method={self.method!r}: choose one of pirl, npid, "
                              "jigsaw, rotation")
@@ -140,11 +124,31 @@ class Objective:
         assert self.bank is not None
         p = self.bank.positives(idx)  # [B,D]
         pos = (q * p.unsqueeze(1)).sum(dim=2) / self.tau
-        neg_idx = self.bank.negative_indices(idx, self.num_negatives, self.mode, self.generator)
+        neg_idx = self._negative_indices(idx)
         qt = q / self.tau  # scaling the [B,Q,D] query, not the [B,Q,N] scores: two passes fewer
         if self.mode == "per-sample":
             return pos, gather_scores(qt, self.bank.rows, neg_idx)
         return pos, shared_scores(qt, self.bank.rows, neg_idx)
+
+    def _negative_indices(self, idx: Tensor) -> Tensor:
+        """Negatives of this rank's samples ``idx`` Long ``[b]``: ``[b,N]`` (per-sample) or
+        ``[N]`` (shared).
+
+        Under data parallelism every rank draws for the *global* batch (indices gathered in rank
+        order) and keeps its own rows, so the negatives are exactly those of a single-process run
+        with the same global batch, shared negatives exclude every row of the global batch, and
+        the generators of all ranks stay in step.  The cost is drawing W x [b,N] integers, the
+        same as one process would; nothing [.,N,D] is gathered.
+        """
+        assert self.bank is not None
+        if not is_distributed():
+            return self.bank.negative_indices(idx, self.num_negatives, self.mode, self.generator)
+        everyone, sizes = all_gather_ragged(idx)
+        neg = self.bank.negative_indices(everyone, self.num_negatives, self.mode, self.generator)
+        if self.mode != "per-sample":
+            return neg
+        lo = sum(sizes[:torch.distributed.get_rank()])
+        return neg[lo:lo + idx.shape[0]]
 
     def _per_sample(self, pos: Tensor, neg: Tensor) -> Tensor:
         if self.loss_name == "nce":
@@ -172,7 +176,8 @@ class Objective:
             return
         z = _need(out, "z_img", "the model output", self.method).detach().float()
         idx = _need(batch, "index", "the batch", self.method).to(z.device).long()
-        self.bank.update(_gather_ragged(idx), _gather_ragged(z), self.momentum)
+        everyone, sizes = all_gather_ragged(idx)
+        self.bank.update(everyone, all_gather_ragged(z, sizes)[0], self.momentum)
 
     # ------------------------------------------------------------------ state
 

@@ -32,7 +32,15 @@ from pirl.checkpoint import (
 from pirl.data import ViewDataset, open_source
 from pirl.data.sampler import EpochSampler, SeededViews, seed_everything
 from pirl.data.views import build_train_transform, maximal_hamming_permutations, normalize
-from pirl.distributed import DistEnv, all_reduce_mean, setup_distributed
+from pirl.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    any_rank,
+    broadcast_buffers,
+    check_replicas,
+    parameter_checksum,
+    setup_distributed,
+)
 from pirl.logs import RunLogger
 from pirl.methods import Objective
 from pirl.models.pirl import build_model
@@ -164,6 +172,7 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     if cfg.optim.batch_size > n:
         raise C.ConfigError(f"optim.batch_size={cfg.optim.batch_size}: larger than the dataset "
                             f"({n} images in {data})")
+    env.barrier()  # rank 0 has created the run folder; every rank now reads the same checkpoint
     ckpt = load_run_checkpoint(out)
     if ckpt is not None:
         check_resume_compatible(ckpt, cfg, n, out / "checkpoint.pt")
@@ -192,6 +201,9 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     peak = peak_lr(cfg.optim)
+    if env.is_main:
+        log.info("%s; peak lr %.4g = base_lr %g x %d / 256", env.describe(cfg.optim.batch_size),
+                 peak, cfg.optim.base_lr, cfg.optim.batch_size)
     step, epoch, batch_in_epoch = 0, 0, 0
     if ckpt is not None:
         _restore(ckpt, model, objective, optimizer)
@@ -205,6 +217,10 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     if env.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if on_gpu else None)
+        # DDP has broadcast rank 0's weights; the bank and the position are each rank's own, so
+        # a rank that resumed from another checkpoint file (no shared file system) stops here.
+        _check_replicas(model, objective, step, "at start" if ckpt is None else
+                        f"after resuming from {out / 'checkpoint.pt'}")
 
     dataset = SeededViews(ViewDataset(source, build_train_transform(cfg, permutations),
                                       strict=cfg.train.strict_data), seed=cfg.train.seed)
@@ -213,6 +229,8 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     state = _LoopState(step=step, epoch=epoch, batch=batch_in_epoch)
 
     def save() -> None:
+        _check_replicas(model, objective, state.step, f"checkpoint at step {state.step}")
+        _check_finite(model, objective, state.step, out)
         if env.is_main:
             save_run_checkpoint(_checkpoint_state(cfg, n, model, objective, optimizer,
                                                   permutations, state), out)
@@ -241,9 +259,14 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                     outputs = train_model(batch)
                 outputs = {k: v.float() for k, v in outputs.items()}
                 loss, terms = objective.loss(outputs, batch)
-                if not math.isfinite(loss.item()):
+                # One small all-reduce: a non-finite loss or a stop signal seen by any rank is
+                # acted on by all of them at the same step (otherwise the others would wait in the
+                # next collective).
+                non_finite, stop_now = any_rank([not math.isfinite(loss.item()), stop.requested])
+                if non_finite:
                     raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}); "
+                        f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}) on "
+                        f"rank {env.rank} (a non-finite loss on any rank stops all of them); "
                         f"the last good checkpoint is {out / 'checkpoint.pt'}. Try a lower "
                         "optim.base_lr, a larger objective.tau, or train.amp=false")
                 optimizer.zero_grad(set_to_none=True)
@@ -262,16 +285,17 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                     rate = samples_since / max(now - t_last, 1e-9)
                     t_last, samples_since = now, 0
                     terms = {k: all_reduce_mean(v, env) for k, v in terms.items()}
+                    skipped_all = round(all_reduce_mean(state.skipped, env) * env.world_size)
                     last = {"kind": "train", "step": state.step, "epoch": state.epoch + 1,
-                            "lr": lr, "samples_per_s": rate, "skipped_total": state.skipped,
+                            "lr": lr, "samples_per_s": rate, "skipped_total": skipped_all,
                             **terms}
                     logger.log(last)
                     bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}",
                                     samples_s=f"{rate:.0f}")
                 if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                     save()
-                if stop.requested or (stop_after_steps is not None
-                                      and steps_this_call >= stop_after_steps):
+                if stop_now or (stop_after_steps is not None
+                                and steps_this_call >= stop_after_steps):
                     bar.close()
                     save()
                     if env.is_main:
@@ -289,9 +313,10 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                     logger.log({"kind": "eval", "step": state.step, "epoch": state.epoch, **knn})
                     log.info("epoch %d: kNN top-1 %.2f%%", state.epoch, knn["knn_top1"])
             save()
-    if state.skipped and env.is_main:
+    skipped_all = round(all_reduce_mean(state.skipped, env) * env.world_size)
+    if skipped_all and env.is_main:
         log.warning("%d unreadable image(s) were skipped in total (see the warnings above); "
-                    "`pirl data check %s` lists them", state.skipped, data)
+                    "`pirl data check %s` lists them", skipped_all, data)
     trunk_path = out / "trunk.pt"
     if env.is_main:
         from pirl.export import trunk_state_dict
@@ -308,6 +333,36 @@ class _LoopState:
     epoch: int
     batch: int
     skipped: int = 0
+
+
+def _check_replicas(model: nn.Module, objective: Objective, step: int, when: str) -> None:
+    """Stop every rank with :class:`pirl.distributed.ReplicaDriftError` unless all ranks hold
+    the same memory bank, parameters and step (a no-op in a single process)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    values = {"step": float(step), "parameters": parameter_checksum(model)}
+    if objective.bank is not None:
+        values["memory bank"] = objective.bank.checksum()
+    check_replicas(values, when)
+
+
+def _check_finite(model: nn.Module, objective: Objective, step: int, out: Path) -> None:
+    """Refuse to overwrite the last good checkpoint with non-finite weights or bank rows.
+
+    A finite loss does not prove the update after it was finite (an overflowing gradient can
+    turn weights into inf while the loss that produced it was fine); one pass over the
+    parameters per checkpoint is cheap next to losing the run's last usable state.
+    """
+    tensors = [("model." + k, v) for k, v in model.state_dict().items()]
+    bank = getattr(objective, "bank", None)
+    if bank is not None:
+        tensors.append(("memory bank", bank.rows))
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteLossError(
+                f"{name} became non-finite at step {step}; not saving it over the last good "
+                f"checkpoint {out / 'checkpoint.pt'}. Try a lower optim.base_lr, a larger "
+                "objective.tau, or train.amp=false")
 
 
 def _checkpoint_state(cfg: C.Config, n: int, model: nn.Module, objective: Objective,
@@ -346,6 +401,7 @@ def knn_monitor(trunk: nn.Module, cfg: C.Config, train_source: Any, val_data: st
     from pirl.evaluate.knn import run_knn
 
     was_training = trunk.training
+    broadcast_buffers(trunk)  # every rank extracts a shard: all must use rank 0's BN statistics
     settings = EvalSettings(device=device, batch_size=256, workers=cfg.train.workers,
                             quiet=cfg.train.quiet or not env.is_main, cache_dir=None)
     result = run_knn(trunk, train_source, open_source(val_data), cfg.views, settings,

@@ -5,9 +5,11 @@ its collate function, and the dataset checker.  Views themselves live in
 from pirl.data.check import check_source
 from pirl.data.datasets import (
     BadImageError,
+    DatasetError,
     FolderSource,
     ImageSource,
     TarSource,
+    UnreadableDataError,
     ViewDataset,
     collate_views,
     open_source,
@@ -16,10 +18,12 @@ from pirl.data.synthetic import SyntheticSource
 
 __all__ = [
     "BadImageError",
+    "DatasetError",
     "FolderSource",
     "ImageSource",
     "SyntheticSource",
     "TarSource",
+    "UnreadableDataError",
     "ViewDataset",
     "check_source",
     "collate_views",

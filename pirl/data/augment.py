@@ -200,56 +200,173 @@ def sample_photometric(n: int, cfg: ViewConfig,
                        flags[:, 1], order)
 
 
-def _to_uint8(y: Tensor) -> Tensor:
-    """Round float values in [0, 255] to uint8.  (+0.5 then truncate; via int16 because torch's
-    direct float -> uint8 conversion is unvectorised on CPU and 5x slower.)"""
-    return y.add_(0.5).to(torch.int16).to(torch.uint8)
+# Adding 2^23 to a float in [0, 2^23) leaves its value rounded to an integer (to nearest, ties to
+# even) in the low mantissa bits; see _round_to_uint8.
+_ROUND_MAGIC = float(2**23)
 
 
-# Constant 3 x 3 matrices applied to [B, 3, N] pixels with one batched matrix product (torch.bmm
-# with K = 3 is about as fast as a single elementwise op and replaces several of them).
+def _round_to_uint8(y: Tensor, out: Tensor) -> Tensor:
+    """Round float values in [0, 255] (anything in (-0.5, 255.5)) to the nearest integer (ties to
+    even) and store them in the uint8 tensor ``out`` (same shape); ``y`` is overwritten.
+
+    ``y + 2^23`` is exactly ``2^23 + round(y)``: seen as int32 its bits are ``0x4B000000 +
+    round(y)``, whose low byte is ``round(y)``, and the int32 -> uint8 conversion keeps that byte
+    (modulo 256).  Two vectorised passes; torch's direct float -> uint8 conversion is not
+    vectorised on CPU and is ~8x slower.
+    """
+    y.add_(_ROUND_MAGIC)
+    return out.copy_(y.view(torch.int32))
+
+
+# Constant matrices applied to [K, 3, Q] pixels with one batched matrix product (torch.bmm with an
+# inner dimension of 3 costs about as much as one or two elementwise passes).
 _GRAY_ROW = torch.tensor(GRAY_WEIGHTS)  # luma = w . rgb
 _EYE = torch.eye(3)
 _GRAY_MATRIX = _GRAY_ROW.expand(3, 3)  # every output channel = luma
-# k - 5 for the HSV -> RGB formula's n = (5, 3, 1) (see _shift_hue).
-_HUE_K_MINUS_5 = torch.tensor([0.0, -2.0, -4.0]).view(1, 3, 1)
+
+# Hue.  Channels R, G, B = 0, 1, 2.  Along increasing hue (red -> yellow -> green -> cyan -> blue
+# -> magenta) the channel that rises after channel n is _NEXT[n] (R -> G -> B -> R).
+_NEXT = (1, 2, 0)
+_PREV = (2, 0, 1)
 
 
-def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the HSV hue of float pixels ``[B,3,N]`` (any positive scale) by ``shift`` turns [B].
+def _hue_case_matrices() -> Tensor:
+    """``[6, 6, 3]``: for case ``2 j + r`` (a rotation by ``2 j`` sextants, r = 1 for a backward
+    fractional shift) the matrix whose product with ``x [3, N]`` gives rows 0-2: ``p - q`` and
+    rows 3-5: ``p + q + 2 m``, where (see :func:`_shift_hue`) ``p_n = x[rot(n)] - m`` and ``q_n =
+    x[nb(rot(n))] - m`` with ``rot = prev^j`` and ``nb = next`` (forward) or ``prev`` (backward).
+    Permutation matrices have 0/1 entries, so the products are exact sums and differences."""
+    cases = []
+    for j in range(3):
+        rot = [0, 1, 2]
+        for _ in range(j):
+            rot = [_PREV[k] for k in rot]
+        for nb in (_NEXT, _PREV):
+            p1 = torch.zeros(3, 3)
+            p2 = torch.zeros(3, 3)
+            for n in range(3):
+                p1[n, rot[n]] = 1.0
+                p2[n, nb[rot[n]]] = 1.0
+            cases.append(torch.cat([p1 - p2, p1 + p2]))
+    return torch.stack(cases)
 
-    V = max and C = max - min are kept (so are S and V).  The hue in sextants (0..6) comes from
-    the channel that is the maximum: (g - b) / C for red, 2 + (b - r) / C for green, 4 + (r - g)
-    / C for blue (red first, then green on ties, as in PIL and torchvision).  The shifted hue h
-    goes back to RGB with the closed form f(n) = V - C * clamp(min(k, 4 - k), 0, 1),
-    k = (n + h) mod 6, n = (5, 3, 1) for (R, G, B).  With h wrapped into [0, 6) and u = |k - 5|
-    (in [0, 6) because f is symmetric about k = 5 and 6-periodic) this is
 
-        f = min + clamp(|C u - 3 C| - C, 0, C)
+_HUE_CASES = _hue_case_matrices()
 
-    which needs no modulo on the 3-channel tensor and only six passes over it.  Written for
-    speed on CPU with torch's vectorised kernels: no ``where`` / ``argmax`` / ``remainder``
-    (unvectorised there, 5-30x slower than arithmetic); the sextant is chosen with ``lerp`` by
-    ``sign(V - channel)``, exactly 0 where the channel is the maximum and 1 elsewhere; the rest of
-    the work happens on [B,1,N] planes.
+
+def _hue_cases(shifts: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """Split each hue shift (turns) into an exact channel rotation by ``2 j`` sextants and a
+    fractional shift ``f`` in [-1, 1] sextants.  Returns the per-item case matrices ``[K, 6, 3]``
+    and ``1/2 - |f|`` as ``[K, 1, 1]``."""
+    case, half = [], []
+    for s in shifts:
+        d = 6.0 * (s % 1.0)  # [0, 6] sextants (6.0 only by rounding: the same as 0)
+        j = round(d / 2.0)
+        f = d - 2.0 * j
+        case.append(2 * (j % 3) + (f < 0.0))
+        half.append(0.5 - abs(f))
+    return _HUE_CASES[case], torch.tensor(half, dtype=torch.float32).view(-1, 1, 1)
+
+
+def _shift_hue(y: Tensor, mats: Tensor, half: Tensor) -> Tensor:
+    """Rotate the HSV hue of float pixels ``y [K,3,N]`` (any positive scale) by per-row shifts
+    given as :func:`_hue_cases` returns them (``mats [K,6,3]``, ``half [K,1,1]``); exactly
+    torchvision's rgb -> hsv -> (h + shift) mod 1 -> rgb up to float rounding.
+
+    The maximum V, minimum m and so C = V - m of a pixel do not change.  A shift by two sextants
+    (1/3 turn) is a cyclic permutation of the channels, so each shift is split into such a
+    rotation and a fractional shift f in [-1, 1] sextants; a backward shift is a forward one of
+    the hue-mirrored pixel (mirroring swaps the roles of the channel that rises after a channel and
+    the one before it).  For a forward shift by f in [0, 1], write A = C f, and for every channel
+    p = x - m and q = x_next - m, where x_next is the channel that rises after it.  Then (p, q) lies
+    on the boundary of the square [0, C]^2, and the new value of the channel is
+
+        x' = m + clamp(p - q + A,     0, C)   where p + q < C  (the minimum, or a rising middle)
+        x' = m + clamp(p - q + C - A, 0, C)   where p + q > C  (the maximum, or a falling middle)
+
+    (the two agree where p + q = C).  That is, with s = sign(p + q - C),
+
+        x' = clamp(p - q + (V + m) / 2 + C (1/2 - f) s, m, V)
+
+    Per block: two reductions (V, m), one [K,6,3] x [K,3,N] product giving p - q and p + q + 2m
+    (exact: the matrices hold 0 and +-1), and five elementwise passes over the 3 channels; no
+    division, remainder or ``where``.  Returns a ``[K,3,N]`` strided view of a new tensor.
     """
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    v = x.amax(dim=1, keepdim=True)  # [B,1,N]
-    mn = x.amin(dim=1, keepdim=True)
-    c = v - mn
-    # C * h: numerators with the sextant offsets folded in: red (g - b), green (b - r) + 2C,
-    # blue (r - g) + 4C; green over blue where green is a maximum, then red over both.
-    ch = torch.lerp(torch.sub(b, r).add_(c, alpha=2.0), torch.sub(r, g).add_(c, alpha=4.0),
-                    torch.sign(v - g))
-    ch = torch.lerp(g - b, ch, torch.sign(v - r))  # in [-C, 5C)
-    # Shift by 6 * (shift mod 1) sextants, then wrap C h into [0, 6C).  Grey pixels (C = 0)
-    # have ch = 0 and stay 0 with any positive divisor.
-    six_c = c.mul(6.0)
-    ch.addcmul_(six_c, torch.remainder(shift.to(x), 1.0).view(-1, 1, 1))
-    ch.addcmul_(torch.floor(ch / six_c.clamp(min=1e-6)), six_c, value=-1.0)
-    u = torch.addcmul(ch, c, _HUE_K_MINUS_5.to(x)).abs_()  # C |k - 5|, [B,3,N]
-    u.sub_(six_c.mul_(0.5)).abs_()  # |C u - 3 C|
-    return u.add_(mn - c).clamp_(min=mn, max=v)
+    v = y.amax(dim=1, keepdim=True)  # [K,1,N]
+    mn = y.amin(dim=1, keepdim=True)
+    z = torch.sub(v, mn).mul_(half)  # C (1/2 - f)
+    mid = torch.add(v, mn)  # V + m
+    x = torch.bmm(mats, y)  # [K,6,N]
+    s = x[:, 3:].sub_(mid).sign_()  # sign(p + q - C)
+    return x[:, :3].addcmul_(s, z).add_(mid.mul_(0.5)).clamp_(min=mn, max=v)
+
+
+class _RowParams:
+    """The colour parameters of K rows as the batched operations consume them: one ``[K,1,1]``
+    factor tensor per operation (sliced per block), the same as Python lists (to skip identity
+    operations and unneeded clamps without a tensor op) and the hue cases."""
+
+    def __init__(self, factors: list[list[float]], device: torch.device,
+                 owner: list[int] | None = None) -> None:
+        """``factors``: one ``[b, c, s, h]`` per item; ``owner``: the item of each row (default:
+        one row per item).  Per-item work (the hue cases) is done once per item."""
+        n = len(factors)
+        cols = [list(col) for col in zip(*factors, strict=True)] if n else [[], [], [], []]
+        tensors = torch.tensor(cols, dtype=torch.float32).view(4, n)
+        hue: tuple[Tensor, Tensor] | None = None
+        if any(h != 0.0 for h in cols[3]):
+            hue = _hue_cases(cols[3])
+        if owner is not None and owner != list(range(n)):
+            cols = [[col[i] for i in owner] for col in cols]
+            idx = torch.tensor(owner)
+            tensors = tensors[:, idx]
+            if hue is not None:
+                hue = (hue[0][idx], hue[1][idx])
+        self.lists = cols
+        self.tensors = tensors.to(device).view(4, -1, 1, 1)
+        self.hue = None if hue is None else (hue[0].to(device), hue[1].to(device))
+
+    def jitter(self, y: Tensor, a: int, b: int, bound: float, order: Sequence[int],
+               contrast_mean: Tensor | None = None) -> Tensor:
+        """Colour jitter of float rows ``y [b-a,3,Q]`` (rows ``a:b`` of the parameters) in
+        ``[0, bound]``; in place where possible (use the returned tensor, possibly a strided
+        view).  Contrast blends with the mean luma of each row, or with ``contrast_mean [b-a]``
+        when rows are pieces of larger items (:func:`apply_photometric` computes it over the
+        whole item).  An operation whose factors are all the identity here is skipped."""
+        for op in order:
+            col = self.lists[op][a:b]
+            if op == 3:
+                if self.hue is not None and any(c != 0.0 for c in col):
+                    y = _shift_hue(y, self.hue[0][a:b], self.hue[1][a:b])
+                continue
+            if op not in (0, 1, 2):
+                raise ValueError(f"unknown colour operation {op} (expected 0..3)")
+            if all(c == 1.0 for c in col):
+                continue
+            fac = self.tensors[op, a:b]  # [k,1,1]
+            if op == 0:
+                y.mul_(fac)
+            elif op == 1:
+                mean = contrast_mean
+                if mean is None:
+                    mean = torch.matmul(y.mean(dim=2), _GRAY_ROW.to(y))  # [k]
+                # c y + (1 - c) mean, in place (torch.addcmul broadcasting [k,1,1] is slower).
+                y.mul_(fac).add_(mean.view(-1, 1, 1) * (1.0 - fac))
+            else:
+                # s y + (1 - s) luma(y) = M y with M = s I + (1 - s) [w; w; w].
+                y = torch.bmm(torch.lerp(_GRAY_MATRIX.to(y), _EYE.to(y), fac), y)
+            # A factor <= 1 cannot leave the range (brightness scales down, contrast and
+            # saturation are then convex combinations of values in range).
+            if max(col) > 1.0:
+                y.clamp_(0.0, bound)
+        return y
+
+
+def _jitter(y: Tensor, bound: float, factors: list[list[float]],
+            order: Sequence[int]) -> Tensor:
+    """Colour jitter of float pixels ``y [K,3,Q]`` in ``[0, bound]`` with ``factors`` (K rows of
+    ``[brightness, contrast, saturation, hue]``); see :meth:`_RowParams.jitter`."""
+    return _RowParams(factors, y.device).jitter(y, 0, y.shape[0], bound, order)
 
 
 def color_jitter_batch(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor,
@@ -265,74 +382,85 @@ def color_jitter_batch(x: Tensor, brightness: Tensor, contrast: Tensor, saturati
     Returns ``[B,3,H,W]`` of the input dtype.  Each operation is torchvision's: brightness
     ``b x``; contrast ``c x + (1 - c) mean(gray(x))``; saturation ``s x + (1 - s) gray(x)``; each
     clamped to the valid range; hue as in :func:`_shift_hue`.  Internally float32; uint8 output is
-    rounded once at the end.
+    rounded once at the end (to nearest).
     """
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"expected [B,3,H,W], got {list(x.shape)}")
     B, shape = x.shape[0], x.shape
-    factors = torch.stack([brightness, contrast, saturation, hue], 1).float()
+    factors = torch.stack([brightness, contrast, saturation, hue], 1).float().tolist()
     if x.dtype == torch.uint8:
         y = torch.empty(shape, dtype=torch.float32, device=x.device).copy_(x).view(B, 3, -1)
-        return _to_uint8(_jitter(y, 255.0, factors, order)).view(shape)
+        y = _jitter(y, 255.0, factors, order)
+        return _round_to_uint8(y, torch.empty_like(x).view(B, 3, -1)).view(shape)
     y = x.reshape(B, 3, -1).clone()
-    return _jitter(y, 1.0, factors, order).view(shape)
+    return _jitter(y, 1.0, factors, order).reshape(shape)
+
+
+# Rows and blocks in apply_photometric.  The colour operations are memory-bound and need ~60 bytes
+# of live temporaries per pixel: a block of <= 24k pixels (~1.5 MB) stays in the L2 cache through
+# all the operations, where a whole 224 x 224 view spills to L3 and runs 1.5-2x slower per pixel.
+# Smaller blocks would pay more per-call overhead (~1-2 us per torch op).
+_ROW_MAX = 8192
+_BLOCK_PIXELS = 24576
+
+
+@dataclass(frozen=True)
+class _ViewLayout:
+    """How the items of one ``[B,3,H,W]`` batch sit in the rows: each item is cut into ``chunks``
+    chunks of ``rows`` image rows (the last one may hold fewer); chunk k of item i is row
+    ``start + i * chunks + k``, its first ``rows * W`` pixels holding the image rows."""
+
+    start: int
+    batch: int
+    height: int
+    width: int
+    rows: int
+    chunks: int
 
 
 @functools.lru_cache(maxsize=64)
-def _piece_layout(rows: tuple[int, ...], pixels: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """For items made of ``rows[j]`` consecutive rows holding ``pixels[j]`` real pixels: the
-    row -> item one-hot matrix ``[K, I]``, the pixel counts ``[I]`` (float) and the owner item
-    of each row ``[K]`` (Long)."""
-    owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
-    return (F.one_hot(owner, len(rows)).float(), torch.tensor(pixels, dtype=torch.float32),
-            owner)
+def _row_layout(shapes: tuple[tuple[int, int, int], ...]
+                ) -> tuple[int, int, tuple[_ViewLayout, ...], Tensor, Tensor, list[int]]:
+    """Row layout for batches of shapes ``(B, H, W)``: returns the row length Q, the row count
+    K, one :class:`_ViewLayout` per batch, the row -> item one-hot matrix ``[K, I]``, each item's
+    pixel count ``[I]`` (float) and each row's item (a list of K ints).
 
-
-def _jitter(y: Tensor, bound: float, factors: Tensor, order: tuple[int, ...] | list[int],
-            contrast_mean: Tensor | None = None) -> Tensor:
-    """Colour jitter of float pixels ``y [K,3,Q]`` in ``[0, bound]`` with ``factors [K,4]`` per
-    row; in place where possible (use the returned tensor).
-
-    Contrast blends with the mean luma of each row, or with ``contrast_mean [K]`` when rows are
-    pieces of larger items (:func:`apply_photometric` computes it over the whole item).
+    Q is the smallest item's pixel count (at most 8192, at least the widest row); every item is
+    cut into chunks of whole image rows as even as possible that fit in Q, so that copying between
+    the views and the rows is a strided copy with long contiguous runs (no per-pixel gather).
     """
-    K = y.shape[0]
-    fl = factors.tolist()
-    fac = factors.to(y)
-    for op in order:
-        if op == 0:
-            y.mul_(fac[:, 0].view(K, 1, 1))
-            if max(f[0] for f in fl) > 1.0:  # factors <= 1 cannot leave the range
-                y.clamp_(max=bound)
-        elif op == 1:
-            c = fac[:, 1].view(K, 1, 1)
-            mean = contrast_mean
-            if mean is None:
-                mean = torch.matmul(y.mean(dim=2), _GRAY_ROW.to(y))  # [K]
-            # c y + (1 - c) mean, in place (torch.addcmul broadcasting [K,1,1] is 3x slower).
-            y.mul_(c).add_(mean.view(K, 1, 1) * (1.0 - c))
-            if max(f[1] for f in fl) > 1.0:  # a convex combination stays in range
-                y.clamp_(0.0, bound)
-        elif op == 2:
-            # s y + (1 - s) luma(y) = M y with M = s I + (1 - s) [w; w; w].
-            matrix = torch.lerp(_GRAY_MATRIX.to(y), _EYE.to(y), fac[:, 2].view(K, 1, 1))
-            y = torch.bmm(matrix, y)
-            if max(f[2] for f in fl) > 1.0:
-                y.clamp_(0.0, bound)
-        elif op == 3:
-            if any(f[3] != 0.0 for f in fl):  # hue 0 everywhere: skip the costliest operation
-                y = _shift_hue(y, fac[:, 3])
-        else:
-            raise ValueError(f"unknown colour operation {op} (expected 0..3)")
-    return y
+    q0 = min(min(h * w for _, h, w in shapes), _ROW_MAX)
+    layouts, start, Q = [], 0, 0
+    for B, H, W in shapes:
+        per = max(1, q0 // W)  # at most this many image rows per chunk
+        rows = -(-H // -(-H // per))  # the fewest chunks, then rows spread evenly over them
+        chunks = -(-H // rows)
+        layouts.append(_ViewLayout(start, B, H, W, rows, chunks))
+        start += B * chunks
+        Q = max(Q, rows * W)
+    K = start
+    chunk_items = [lay.chunks for lay in layouts for _ in range(lay.batch)]
+    owner = torch.repeat_interleave(torch.arange(len(chunk_items)), torch.tensor(chunk_items))
+    pixels = torch.tensor([lay.height * lay.width for lay in layouts for _ in range(lay.batch)],
+                          dtype=torch.float32)
+    return Q, K, tuple(layouts), F.one_hot(owner, len(chunk_items)).float(), pixels, owner.tolist()
 
 
-# Pixels per row / per block of rows in apply_photometric.  The colour operations are memory-bound
-# and need ~80 bytes of live temporaries per pixel: a block of <= 24k pixels (~2 MB) stays in the
-# L2 cache through all ~60 operations, where a whole 224 x 224 view spills to L3 and runs 2-3x
-# slower per pixel.  Smaller blocks would pay more per-call overhead (~2 us per torch op).
-_ROW_MAX = 8192
-_BLOCK_PIXELS = 24576
+def _chunk_views(lay: _ViewLayout, rows: Tensor, img: Tensor
+                 ) -> list[tuple[Tensor, Tensor]]:
+    """Pairs (part of the rows, the matching part of ``img [B,3,H,W]``) of equal shapes that
+    together cover the batch: the complete chunks and the last, shorter one."""
+    B, W, r, n = lay.batch, lay.width, lay.rows, lay.chunks
+    R = rows[lay.start:lay.start + B * n].view(B, n, 3, -1)
+    full = lay.height // r
+    pairs = []
+    if full:
+        pairs.append((R[:, :full, :, :r * W].unflatten(3, (r, W)),  # [B, full, 3, r, W]
+                      img[:, :, :full * r].unflatten(2, (full, r)).transpose(1, 2)))
+    rest = lay.height - full * r
+    if rest:
+        pairs.append((R[:, full, :, :rest * W].unflatten(2, (rest, W)), img[:, :, full * r:]))
+    return pairs
 
 
 @overload
@@ -345,17 +473,18 @@ def apply_photometric(x: Tensor | Sequence[Tensor], p: Photometric
     batched, cache-blocked computation.
 
     ``x`` is a uint8 ``[B,3,H,W]`` batch or a list of such batches of different sizes (e.g. the
-    image view ``[1,3,224,224]`` and the jigsaw patches ``[9,3,64,64]``); ``p`` holds one
-    parameter set per item over all of them, in order.  Returns contiguous uint8 tensors shaped
-    like the inputs.  Per item as in the standard pipeline: (flip,) colour jitter, grayscale
-    (flipping commutes with the colour operations).
+    image view ``[1,3,224,224]`` and the jigsaw patches ``[9,3,64,64]``), planar or channels-last;
+    ``p`` holds one parameter set per item over all of them, in order.  Returns new contiguous
+    uint8 tensors shaped like the inputs.  Per item as in the standard pipeline: (flip,) colour
+    jitter, grayscale.  The flip is applied to the result: it commutes with every colour operation
+    (they act on each pixel, and contrast's mean does not depend on the pixel order).
 
-    How: every item is cut into rows of Q pixels (Q = the smallest item's pixel count, at most
-    8192; an item's last row is zero-padded when Q does not divide it: 6% extra for a 224-px view
-    next to 64-px patches).  Rows are processed in blocks of ~24k pixels that fit in the L2
-    cache.  Contrast needs each item's mean luma at its place in the operation order, so the
-    operations before contrast sweep all blocks first (padding stays 0 and adds nothing to the
-    sums), the rest in a second sweep.
+    How: the items are copied (and converted to float) into K rows of Q pixels: each item is cut
+    into chunks of whole image rows (:func:`_row_layout`); unused pixels are 0.  Rows are
+    processed in blocks of ~24k pixels that fit in the L2 cache.  Contrast needs each item's mean
+    luma at its place in the operation order, so the operations before contrast sweep all blocks
+    first (zero padding stays 0 through them and adds nothing to the sums), the rest in a second
+    sweep that also rounds each block to uint8.
     """
     views = [x] if isinstance(x, Tensor) else list(x)
     for v in views:
@@ -366,47 +495,51 @@ def apply_photometric(x: Tensor | Sequence[Tensor], p: Photometric
         raise ValueError(f"{len(p)} photometric parameter sets for {total} views")
     flips, grays, fl = p.flip.tolist(), p.grayscale.tolist(), p.factors.tolist()
     jitter = any(f != [1.0, 1.0, 1.0, 0.0] for f in fl)
-    starts = [0]
-    for v in views:
-        starts.append(starts[-1] + v.shape[0])
-    views = [_flip_items(v, flips[a:b])
-             for v, a, b in zip(views, starts[:-1], starts[1:], strict=True)]
     if not jitter and not any(grays):
-        outs = [v.contiguous() for v in views]
+        starts = [0]
+        for v in views:
+            starts.append(starts[-1] + v.shape[0])
+        outs = [_flip_items(v, flips[a:b]).contiguous()
+                for v, a, b in zip(views, starts[:-1], starts[1:], strict=True)]
         return outs[0] if isinstance(x, Tensor) else outs
+    outs = _colour(views, fl if jitter else None, grays, p.jitter_order)
+    item = 0
+    for out in outs:
+        for i in range(out.shape[0]):
+            if flips[item]:
+                out[i] = out[i].flip(-1)
+            item += 1
+    return outs[0] if isinstance(x, Tensor) else outs
 
+
+def _colour(views: list[Tensor], fl: list[list[float]] | None, grays: list[bool],
+            order: Sequence[int]) -> list[Tensor]:
+    """The colour part of :func:`apply_photometric` (``fl`` None: grayscale only); returns new
+    contiguous uint8 tensors (which the caller may modify)."""
     device = views[0].device
-    sizes = [v.shape[2] * v.shape[3] for v in views]
-    Q = min(sizes)
-    Q = -(-Q // -(-Q // _ROW_MAX))  # split rows longer than _ROW_MAX evenly
-    rows_per_item = [-(-n // Q) for n in sizes]
-    K = sum(v.shape[0] * r for v, r in zip(views, rows_per_item, strict=True))
+    Q, K, layouts, onehot, pixels, owner = _row_layout(
+        tuple((v.shape[0], v.shape[2], v.shape[3]) for v in views))
     y = torch.empty(K, 3, Q, dtype=torch.float32, device=device)
-    row = 0
-    for v, n, r in zip(views, sizes, rows_per_item, strict=True):
-        B = v.shape[0]
-        block = y[row:row + B * r].view(B, r, 3, Q).transpose(1, 2)  # [B,3,r,Q] view of rows
-        flat = v.reshape(B, 3, n)  # uint8 (copies a channels-last view to planar)
-        full = (r - 1) * Q
-        if r * Q == n:
-            block.copy_(flat.view(B, 3, r, Q))
-        else:  # the last row of each item is partly padding (zeros)
-            block[:, :, :r - 1].copy_(flat[:, :, :full].reshape(B, 3, r - 1, Q))
-            block[:, :, r - 1, :n - full].copy_(flat[:, :, full:])
-            block[:, :, r - 1, n - full:].zero_()
-        row += B * r
-    item_rows = [r for v, r in zip(views, rows_per_item, strict=True) for _ in range(v.shape[0])]
-    item_pixels = [n for v, n in zip(views, sizes, strict=True) for _ in range(v.shape[0])]
-    onehot, pixels, owner = _piece_layout(tuple(item_rows), tuple(item_pixels))
-    factors = p.factors if total == K else p.factors[owner]
-    gray_rows = p.grayscale if total == K else p.grayscale[owner]
-
-    ops = list(p.jitter_order) if jitter else []
+    for v, lay in zip(views, layouts, strict=True):
+        for rows_part, img_part in _chunk_views(lay, y, v):
+            rows_part.copy_(img_part)
+        # Zero the pixels of the rows that hold no image pixel.
+        R = y[lay.start:lay.start + lay.batch * lay.chunks].view(lay.batch, lay.chunks, 3, Q)
+        used = lay.rows * lay.width
+        if used < Q:
+            R[..., used:].zero_()
+        rest = lay.height % lay.rows
+        if rest:
+            R[:, -1, :, rest * lay.width:used].zero_()
+    row_gray = [grays[i] for i in owner]
+    ops = list(order) if fl is not None else []
+    params = _RowParams(fl if fl is not None else [], device, owner if fl is not None else None)
     stages = [ops[:ops.index(1)], ops[ops.index(1):]] if 1 in ops else [ops]
     per_block = max(1, _BLOCK_PIXELS // Q)
     blocks = [(a, min(a + per_block, K)) for a in range(0, K, per_block)]
     y8 = torch.empty(K, 3, Q, dtype=torch.uint8, device=device)
     row_luma = torch.empty(K, dtype=torch.float32, device=device)
+    gray_row = _GRAY_ROW.to(y)
     mean_rows: Tensor | None = None
     for si, stage in enumerate(stages):
         last = si == len(stages) - 1
@@ -414,27 +547,32 @@ def apply_photometric(x: Tensor | Sequence[Tensor], p: Photometric
             oh, px = onehot.to(y), pixels.to(y)
             mean_rows = torch.mv(oh, torch.matmul(row_luma, oh) / px)  # [K] item means
         for a, b in blocks:
-            yb = _jitter(y[a:b], 255.0, factors[a:b], stage,
-                         None if mean_rows is None else mean_rows[a:b])
+            yb = params.jitter(y[a:b], a, b, 255.0, stage,
+                               None if mean_rows is None else mean_rows[a:b])
             if not last:
-                row_luma[a:b] = torch.matmul(yb.sum(dim=2), _GRAY_ROW.to(yb))
-                if yb.data_ptr() != y[a:b].data_ptr():
+                row_luma[a:b] = torch.matmul(yb.sum(dim=2), gray_row)
+                if yb.data_ptr() != y[a:b].data_ptr() or yb.stride() != y[a:b].stride():
                     y[a:b] = yb
                 continue
-            g = gray_rows[a:b]
-            if bool(g.any()):
-                # One product for the block: luma matrix for grayscale rows, identity otherwise.
-                matrix = torch.lerp(_EYE.to(yb), _GRAY_MATRIX.to(yb), g.to(yb).view(-1, 1, 1))
-                yb = torch.bmm(matrix, yb)
-            y8[a:b] = _to_uint8(yb)
+            i = a
+            while i < b:  # runs of grayscale rows: every channel = the row's luma
+                if not row_gray[i]:
+                    i += 1
+                    continue
+                j = i + 1
+                while j < b and row_gray[j]:
+                    j += 1
+                run = yb[i - a:j - a]
+                run.copy_(torch.matmul(gray_row, run).unsqueeze(1).expand_as(run))
+                i = j
+            _round_to_uint8(yb, y8[a:b])
     outs = []
-    row = 0
-    for v, n, r in zip(views, sizes, rows_per_item, strict=True):
-        B = v.shape[0]
-        block = y8[row:row + B * r].view(B, r, 3, Q).transpose(1, 2).reshape(B, 3, r * Q)
-        outs.append(block[:, :, :n].reshape(v.shape).contiguous())
-        row += B * r
-    return outs[0] if isinstance(x, Tensor) else outs
+    for v, lay in zip(views, layouts, strict=True):
+        out = torch.empty(v.shape, dtype=torch.uint8, device=device)
+        for rows_part, img_part in _chunk_views(lay, y8, out):
+            img_part.copy_(rows_part)
+        outs.append(out)
+    return outs
 
 
 def _flip_items(v: Tensor, flips: list[bool]) -> Tensor:

@@ -64,6 +64,16 @@ class BadImageError(Exception):
         return (type(self), (self.path, self.reason))
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be used at all: no images, not a (readable, uncompressed) archive,
+    an unknown split.  One line naming the path; the CLI exits with code 2 before heavy work."""
+
+
+class UnreadableDataError(RuntimeError):
+    """Training met an unreadable image it may not skip (``--strict-data``), or too many in a
+    row to substitute.  The message names the file; the CLI exits with code 1."""
+
+
 def is_image_name(name: str) -> bool:
     """True for a file name with an image extension (case-insensitive) that is not hidden."""
     base = name.rsplit("/", 1)[-1]
@@ -190,7 +200,7 @@ def index_layout(files: Iterable[tuple[str, ...]], dirs: Iterable[tuple[str, ...
         the :class:`Layout`; ``samples[k]`` is the full relative path of sample ``k``.
 
     Raises:
-        ValueError: no images at all.
+        DatasetError: no images at all.
     """
     files = [f for f in files if f and all(_visible(p) for p in f)]
     all_dirs = {d for d in dirs if all(_visible(p) for p in d)}
@@ -243,7 +253,7 @@ def index_layout(files: Iterable[tuple[str, ...]], dirs: Iterable[tuple[str, ...
         samples = sorted(loose)
         targets = [-1] * len(samples)
     if not samples:
-        raise ValueError(f"no images found in {where} (expected an ImageFolder layout "
+        raise DatasetError(f"no images found in {where} (expected an ImageFolder layout "
                          f"<class>/<image> with extensions {', '.join(IMG_EXTENSIONS)})")
     # Stray non-image files inside class folders (or anywhere, for an unlabelled folder): never
     # loaded, but `pirl data check` lists them, e.g. images in a format we don't read (.heic).
@@ -322,7 +332,7 @@ class TarSource(ImageSource):
                         files.append(parts)
                         where[parts] = (m.offset_data, m.size)
         except tarfile.ReadError as e:
-            raise ValueError(f"{self.path}: not an uncompressed tar archive ({e}); if it is "
+            raise DatasetError(f"{self.path}: not an uncompressed tar archive ({e}); if it is "
                              "compressed (.tar.gz ...), decompress it first") from e
         lay = index_layout(files, dirs, str(self.path))
         self.classes, self.targets = lay.classes, lay.targets
@@ -395,8 +405,8 @@ def open_source(path: str | os.PathLike[str]) -> ImageSource:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: no images found (the message names the path), unknown synthetic split,
-            or a file that is not a tar archive.
+        DatasetError (a ValueError): no images found (the message names the path), unknown
+            synthetic split, or a file that is not a tar archive.
     """
     s = os.fspath(path)
     if s == SYNTHETIC or s.startswith(SYNTHETIC + ":"):
@@ -404,7 +414,7 @@ def open_source(path: str | os.PathLike[str]) -> ImageSource:
 
         split = s.partition(":")[2] or "train"
         if split not in SPLITS:
-            raise ValueError(f"unknown synthetic split {split!r} in {s!r}: use one of "
+            raise DatasetError(f"unknown synthetic split {split!r} in {s!r}: use one of "
                              f"{', '.join(SYNTHETIC + ':' + x for x in SPLITS)}")
         return SyntheticSource(split)
     p = Path(s)
@@ -414,7 +424,7 @@ def open_source(path: str | os.PathLike[str]) -> ImageSource:
         return FolderSource(p)
     if p.is_file() and tarfile.is_tarfile(p):
         return TarSource(p)
-    raise ValueError(f"{s}: neither a folder nor a tar archive (expected an ImageFolder folder, "
+    raise DatasetError(f"{s}: neither a folder nor a tar archive (expected an ImageFolder folder, "
                      f"an uncompressed .tar of one, or {SYNTHETIC!r})")
 
 
@@ -426,8 +436,8 @@ class ViewDataset(Dataset):
 
     ``ds[i]`` -> ``{**transform(img), "index": i, "label": targets[i]}`` (tensor shapes are the
     transform's, e.g. ``image`` uint8 [3,S,S]).  An unreadable image gives ``None`` (a warning
-    names the file; :func:`collate_views` drops and counts it), or with ``strict=True`` a
-    :class:`RuntimeError`.
+    names the file; :func:`collate_views` drops and counts it), or with ``strict=True`` an
+    :class:`UnreadableDataError` (a RuntimeError).
     """
 
     def __init__(self, source: ImageSource, transform: Callable[[Image.Image], dict[str, Any]],
@@ -443,9 +453,9 @@ class ViewDataset(Dataset):
             img = self.source.load(i)
         except BadImageError as e:
             if self.strict:
-                raise RuntimeError(f"unreadable image {e.path}: {e.reason} (fatal because of "
-                                   "--strict-data / train.strict_data; without it bad images "
-                                   "are skipped and counted)") from e
+                raise UnreadableDataError(
+                    f"unreadable image {e.path}: {e.reason} (fatal because of --strict-data / "
+                    "train.strict_data; without it bad images are skipped and counted)") from e
             log.warning("skipping unreadable image %s: %s", e.path, e.reason)
             return None
         return {**self.transform(img), "index": i, "label": int(self.source.targets[i])}

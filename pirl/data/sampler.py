@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pirl.data.datasets import UnreadableDataError
+
 log = logging.getLogger(__name__)
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads consecutive seeds apart
@@ -108,5 +110,7 @@ class SeededViews(Dataset):
             if sample is not None:
                 sample["skipped"] = attempt  # the unreadable images passed over to reach i
                 return sample
-        raise RuntimeError(f"{self.max_substitutes} consecutive unreadable images from index "
-                           f"{index}: is the dataset readable? Run `pirl data check`.")
+        raise UnreadableDataError(
+            f"{self.max_substitutes} consecutive unreadable images from "
+            f"{getattr(self.inner, 'source', self.inner)!r} index {index}: is the dataset "
+            "readable? `pirl data check` lists the bad files")

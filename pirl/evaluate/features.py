@@ -45,12 +45,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from pirl.config import ViewConfig
 from pirl.data.datasets import ImageSource, ViewDataset, collate_views
 from pirl.data.views import build_eval_transform, normalize
+from pirl.distributed import all_gather_ragged, any_rank, gather_sizes, is_distributed, shard
 from pirl.models.trunk import STAGES, stage_features
 
 # Target number of values per pooled stage (Goyal et al.'s benchmark: ~9k).
@@ -295,6 +296,26 @@ def _store(feats: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- extraction
 
 
+def _gather_rows(chunks: list[Tensor], sizes: list[int]) -> Tensor:
+    """This rank's stored feature chunks -> every rank's rows ``[sum(sizes), F]`` in rank order
+    (just the concatenation outside a process group).
+
+    All ranks agree on one dtype first (float32 if any rank had to keep float32) and on F (a
+    rank whose shard was all unreadable has no rows to tell it); at most ~64 MB per rank are
+    in flight per gather round.
+    """
+    local = torch.cat(chunks) if chunks else None
+    if not is_distributed():
+        assert local is not None
+        return local
+    width = max(gather_sizes(0 if local is None else local.shape[1]))
+    wide = any_rank([local is not None and local.dtype == torch.float32])[0]
+    dtype = torch.float32 if wide else torch.float16
+    local = (torch.zeros(0, width, dtype=dtype) if local is None else local.to(dtype))
+    rows = max(1, (64 << 20) // max(1, width * local.element_size()))
+    return all_gather_ragged(local, sizes, chunk_rows=rows)[0]
+
+
 def extract_features(trunk: nn.Module, source: ImageSource, stages: Sequence[str], view: View,
                      settings: EvalSettings, *, desc: str = "features",
                      trunk_id: str | None = None, data_id: str | None = None
@@ -322,12 +343,22 @@ def extract_features(trunk: nn.Module, source: ImageSource, stages: Sequence[str
             if hit is not None:
                 out[s] = hit
     missing = [s for s in stages if s not in out]
+    if is_distributed():
+        # Every rank must take the same branch (extraction has collectives): recompute a stage
+        # unless every rank found it in its cache.
+        agreed = any_rank([s in missing for s in stages])
+        missing = [s for s, m in zip(stages, agreed, strict=True) if m]
     if not missing:
         return out
 
     device = settings.device
     trunk.eval().to(device)
-    dataset = SeededItems(source, AsImage(view.transform), seed=view.seed, copy=view.copy)
+    dataset: Dataset = SeededItems(source, AsImage(view.transform), seed=view.seed,
+                                   copy=view.copy)
+    if is_distributed():
+        # Data-parallel (inside a torchrun job): each rank extracts a contiguous shard; the
+        # shards are gathered in rank order below, which is dataset order again.
+        dataset = Subset(dataset, list(shard(len(source))))
     chunks: dict[str, list[Tensor]] = {s: [] for s in missing}
     labels: list[Tensor] = []
     indices: list[Tensor] = []
@@ -344,12 +375,17 @@ def extract_features(trunk: nn.Module, source: ImageSource, stages: Sequence[str
                 chunks[s].append(_store(pool_stage(maps[s], s).float().cpu()))
             labels.append(batch["label"].long().cpu())
             indices.append(batch["index"].long().cpu())
-    if not labels:
+    lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    idx = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    sizes = gather_sizes(idx.numel())
+    if sum(sizes) == 0:
         raise RuntimeError(f"{desc}: no readable image in the dataset ({len(source)} items)")
-    lab, idx = torch.cat(labels), torch.cat(indices)
+    lab, idx = all_gather_ragged(lab, sizes)[0], all_gather_ragged(idx, sizes)[0]
+    write_cache = bool(settings.cache_dir) and (not is_distributed()
+                                                or torch.distributed.get_rank() == 0)
     for s in missing:
-        stored = torch.cat(chunks[s])
-        if settings.cache_dir:
+        stored = _gather_rows(chunks[s], sizes)
+        if write_cache:
             _save_atomic({"features": stored, "labels": lab, "indices": idx,
                           "stage": s, "view": view.key}, paths[s])
         out[s] = Features(stored.float(), lab, idx)

@@ -1,0 +1,86 @@
+"""Speed work of issue 6: the fast colour maths against torchvision / exact rounding, the
+benchmarks' reference loss against the package's, and ``pirl bench`` end to end (tiny sizes)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from pirl import losses as L
+from pirl.bench import BENCHMARKS, add_bench_parser, load_benchmark
+from pirl.data.augment import _hue_cases, _round_to_uint8, _shift_hue
+
+
+def test_round_to_uint8_is_round_half_even() -> None:
+    x = torch.rand(5, 3, 257) * 255.0
+    x[0, 0, :6] = torch.tensor([0.0, 0.5, 1.5, 254.5, 255.0, 127.49999])
+    x[0, 1, :2] = torch.tensor([-0.2, 255.3])  # float noise just outside the range
+    out = torch.empty(5, 3, 257, dtype=torch.uint8)
+    _round_to_uint8(x.clone(), out)
+    expected = torch.round(x).clamp(0, 255).to(torch.int16).to(torch.uint8)
+    assert torch.equal(out, expected)
+    assert out[0, 0, :6].tolist() == [0, 0, 2, 254, 255, 127]
+
+
+@pytest.mark.parametrize("turns", [i / 24 - 0.5 for i in range(25)] + [0.013, -0.37, 0.49])
+def test_hue_every_case_matches_torchvision(turns: float) -> None:
+    """Every rotation / direction case of the fast hue formula (shifts on a 1/24-turn grid hit
+    the sextant boundaries exactly) against torchvision's rgb -> hsv -> rgb, incl. grey pixels
+    and ties between channels."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 200, generator=g)
+    x[0, :, :4] = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 0.0], [0.2, 0.7, 0.7],
+                                [0.3, 0.3, 0.9]]).t()
+    mats, half = _hue_cases([turns])
+    out = _shift_hue(x.clone(), mats, half)
+    ref = TF.adjust_hue(x.view(3, 10, 20), turns).view(1, 3, 200)
+    torch.testing.assert_close(out, ref, atol=3e-6, rtol=0)
+
+
+def _train_step_module():  # type: ignore[no-untyped-def]
+    return load_benchmark("train-step")
+
+
+def test_reference_nce_equals_package_nce() -> None:
+    ts = _train_step_module()
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
+    pos = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
+    neg = torch.nn.functional.normalize(torch.randn(4, 30, 8, generator=g), dim=2)
+    ref = ts.ReferenceStep.__new__(ts.ReferenceStep)
+    ref.tau = 0.07
+    torch.testing.assert_close(ref.nce(z, pos, neg), L.nce(z, pos, neg, 0.07).mean(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    ts = _train_step_module()
+    ap = argparse.ArgumentParser()
+    ts.add_arguments(ap)
+    args = ap.parse_args(["--image-size", "32", "--patch", "0", "--batch", "4", "--negatives",
+                          "16", "--bank", "64", "--steps", "1", "--rounds", "1", "--warmup", "0",
+                          "--threads", "1"])
+    medians = ts.run(args)
+    assert set(medians) == {"pirl", "reference (gather B x N, naive NCE)",
+                            "trunk only (same pixels)"}
+    assert all(math.isfinite(v) and v > 0 for v in medians.values())
+    out = capsys.readouterr().out
+    assert "| pirl |" in out and "PyContrast" in out
+
+
+def test_pirl_bench_parser_and_views_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="pirl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_bench_parser(sub)
+    args = parser.parse_args(["bench", "views", "--rounds", "1", "--per-round", "1"])
+    assert args.benchmark == "views" and args.args == ["--rounds", "1", "--per-round", "1"]
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "| baseline (PIL, view by view) |" in out and "pirl fast path" in out
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        load_benchmark("nope")
+    assert set(BENCHMARKS) == {"views", "loss", "train-step"}
