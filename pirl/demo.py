@@ -46,7 +46,7 @@ def run_demo(out: Path, device: str | None = None, epochs: int | None = None,
     pretrained = build_trunk(cfg.model.arch, cfg.model.small_stem)
     pretrained.load_state_dict({k.removeprefix("trunk."): v for k, v in ckpt["model"].items()
                                 if k.startswith("trunk.")})
-    torch.manual_seed(cfg.train.seed)  # the same initial weights the run started from
+    torch.manual_seed(cfg.train.seed)  # a reproducible random init (same seed as the run)
     random_init = build_trunk(cfg.model.arch, cfg.model.small_stem)
     rows = {}
     for name, trunk in (("PIRL pretrained", pretrained), ("random init", random_init)):

@@ -51,18 +51,12 @@ class JigsawHead(nn.Module):
         return self.fuse(per_patch.reshape(b, -1))
 
 
-class RotationHead(nn.Module):
+class RotationHead(ImageHead):
     """g for the rotation pretext: one Linear C -> D on the rotated image's pooled feature.
 
+    The same layer shape as f (its own weights); a separate class so the model reads as the paper.
     forward: ``[B, C]`` -> ``[B, D]``.
     """
-
-    def __init__(self, in_dim: int, embed_dim: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(in_dim, embed_dim)
-
-    def forward(self, v: Tensor) -> Tensor:
-        return self.fc(v)
 
 
 class JigsawClassifier(nn.Module):
