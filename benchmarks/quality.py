@@ -60,6 +60,11 @@ METHOD_SETTINGS: dict[str, dict[str, Any] | None] = {
     "pirl": {"method": "pirl", "pretext": "jigsaw"},
     "pirl-rotation": {"method": "pirl", "pretext": "rotation"},
     "pirl-jigsaw+rotation": {"method": "pirl", "pretext": "jigsaw+rotation"},
+    # ablations of two defaults: negatives shared by the batch (issue 6 asks for the negatives
+    # mode to be chosen by quality), and BatchNorm running statistics from every trunk call
+    # (the patches too) instead of the image view alone (pirl/models/pirl.py explains).
+    "pirl-shared": {"method": "pirl", "pretext": "jigsaw", "negatives": "shared"},
+    "pirl-bn-all": {"method": "pirl", "pretext": "jigsaw", "bn_stats": "all"},
     "npid": {"method": "npid", "num_negatives": 4096},
     "npid++": {"method": "npid", "num_negatives": 32000},
     "jigsaw": {"method": "jigsaw"},
@@ -69,7 +74,7 @@ METHOD_SETTINGS: dict[str, dict[str, Any] | None] = {
 # The paper's comparisons first, so a run stopped early still has them (results.json is written
 # after every method).
 DEFAULT_METHODS = ("random", "pirl", "npid", "npid++", "jigsaw", "rotation", "pirl-rotation",
-                   "pirl-jigsaw+rotation")
+                   "pirl-jigsaw+rotation", "pirl-shared", "pirl-bn-all")
 
 # The README's budget: the `imagenette-small` preset (32 px, 12 epochs; docs/quality.md explains
 # each number) on 200 training images per class, evaluated on the whole val split.

@@ -105,13 +105,16 @@ class PirlStep:
     """One training step of the package (the body of :func:`pirl.train.pretrain`'s loop without
     logging and checkpoints)."""
 
-    def __init__(self, cfg: C.Config, bank_size: int, device: torch.device) -> None:
+    def __init__(self, cfg: C.Config, bank_size: int, device: torch.device,
+                 compile_trunk: bool = False) -> None:
         self.device = device
         self.model = build_model(cfg).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objective = Objective(cfg, bank_size, device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        if compile_trunk:
+            self.model.trunk = torch.compile(self.model.trunk)  # type: ignore[assignment]
         self.model.train()
 
     def __call__(self, batch: Batch) -> Tensor:
@@ -171,13 +174,15 @@ class ReferenceStep:
 class TrunkStep:
     """The trunk alone on the same pixels: forward image and patches, mean, backward, SGD."""
 
-    def __init__(self, cfg: C.Config, device: torch.device) -> None:
+    def __init__(self, cfg: C.Config, device: torch.device, compile_trunk: bool = False) -> None:
         self.device = device
         trunk = build_model(cfg).trunk
         assert isinstance(trunk, nn.Module)
         self.trunk: nn.Module = trunk.to(device)
         if device.type == "cuda":
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
+        if compile_trunk:
+            self.trunk = torch.compile(self.trunk)  # type: ignore[assignment]
         self.optimizer = torch.optim.SGD(self.trunk.parameters(), lr=0.01, momentum=0.9)
         self.trunk.train()
 
@@ -254,6 +259,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         "reference (gather B x N, naive NCE)": ReferenceStep(cfg, args.bank, device),
         "trunk only (same pixels)": TrunkStep(cfg, device),
     }
+    if args.compile:  # the same two steps with torch.compile'd trunks, timed alongside
+        steps["pirl, compiled trunk"] = PirlStep(cfg, args.bank, device, compile_trunk=True)
+        steps["trunk only, compiled"] = TrunkStep(cfg, device, compile_trunk=True)
     batches = synthetic_batches(cfg, args.bank, device, 4)
     pool = itertools.cycle(batches)
     for step in steps.values():  # warm-up (allocator, autotuning, first-touch of the bank)
@@ -328,6 +336,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", default=None, help="ImageFolder .tar (or folder) for the "
                     f"real-data timing, e.g. {DEFAULT_DATA.resolve()}")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for --data")
+    ap.add_argument("--compile", action="store_true", help="also time the PIRL and trunk-only "
+                    "steps with torch.compile'd trunks")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ LOSSES = ("nce", "nce-fixed-z", "infonce")
 NEGATIVE_MODES = ("per-sample", "shared")
 ARCHS = ("resnet18", "resnet34", "resnet50")
 BANK_DTYPES = ("float32", "float16", "bfloat16")
+BN_STATS = ("image", "all")
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,9 @@ class ModelConfig:
     arch: str = _f("resnet50", f"trunk architecture, one of {ARCHS}")
     small_stem: bool = _f(False, "3x3 stride-1 conv1 and no max-pool: for 32-64 px images")
     embed_dim: int = _f(128, "dimension of f(v_I), g(v_I^t) and the memory bank rows")
+    bn_stats: str = _f("image", f"one of {BN_STATS}: which trunk calls update BatchNorm's running "
+                       "statistics (what evaluation normalises with); image = the image view "
+                       "only, all = the transformed view (patches) too")
 
 
 @dataclass
@@ -366,6 +370,8 @@ def validate(cfg: Config, dataset_size: int | None = None) -> list[str]:
     _check(o.loss in LOSSES, "objective.loss", o.loss, f"choose one of {list(LOSSES)}")
     _check(o.negatives in NEGATIVE_MODES, "objective.negatives", o.negatives,
            f"choose one of {list(NEGATIVE_MODES)}")
+    _check(cfg.model.bn_stats in BN_STATS, "model.bn_stats", cfg.model.bn_stats,
+           f"choose one of {list(BN_STATS)}")
     _check(o.bank_dtype in BANK_DTYPES, "objective.bank_dtype", o.bank_dtype,
            f"choose one of {list(BANK_DTYPES)}")
     _check(v.image_size >= 8, "views.image_size", v.image_size, "must be at least 8 px")

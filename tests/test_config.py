@@ -60,6 +60,7 @@ def test_wrong_type_names_key_and_value() -> None:
         ("patch=90", "views.patch=90: a patch must fit in its cell"),
         ("tau=0", "objective.tau=0.0: must be positive"),
         ("loss=hinge", "objective.loss='hinge'"),
+        ("bn_stats=patches", "model.bn_stats='patches'"),
         ("lam=1.5", "objective.lam=1.5"),
         ("batch_size=1", "optim.batch_size=1"),
         ("cell=90", "views.cell=90: grid x cell = 270 exceeds"),

@@ -186,6 +186,42 @@ def test_pirl_runs_two_trunk_passes_in_one_forward() -> None:
     assert int(model.trunk.bn1.num_batches_tracked) == 2
 
 
+def _bn_running_stats(model: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+            for t in (m.running_mean, m.running_var)]
+
+
+@pytest.mark.parametrize("bn_stats", ["image", "all"])
+def test_bn_running_stats_come_from_the_configured_views(bn_stats: str) -> None:
+    """bn_stats=image: after a train-mode forward the running statistics equal those of a trunk
+    that saw the image batch alone, and momenta are restored; all: the patches move them too."""
+    cfg = _cfg("pirl", "jigsaw")
+    cfg.model.bn_stats = bn_stats
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    image_only = build_trunk("resnet18", small_stem=True).train()
+    image_only.load_state_dict(model.trunk.state_dict())
+    batch = _batch()
+    model(batch)
+    image_only(batch["image"])
+    same = [torch.allclose(a, b) for a, b in zip(_bn_running_stats(model.trunk),
+                                                 _bn_running_stats(image_only), strict=True)]
+    assert all(same) if bn_stats == "image" else not any(same)
+    assert {m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
+
+
+def test_bn_stats_option_does_not_change_the_training_outputs() -> None:
+    """Train-mode BN normalises with batch statistics, so z_img and z_t are identical."""
+    outs = []
+    for bn_stats in ("image", "all"):
+        cfg = _cfg("pirl", "jigsaw")
+        cfg.model.bn_stats = bn_stats
+        torch.manual_seed(0)
+        outs.append(build_model(cfg).train()(_batch()))
+    for key in ("z_img", "z_t"):
+        torch.testing.assert_close(outs[0][key], outs[1][key])
+
+
 def test_pirl_gradients_reach_trunk_from_each_branch() -> None:
     for key in ("z_img", "z_t"):
         model = build_model(_cfg("pirl", "jigsaw"))
