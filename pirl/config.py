@@ -189,9 +189,9 @@ def _preset_overrides() -> dict[str, dict[str, Any]]:
         },
         # The offline demo: the built-in synthetic dataset, small enough for 2 CPU cores.
         "demo": {
-            **view_preset(32), "arch": "resnet18", "image_scale_min": 0.2, "epochs": 8,
+            **view_preset(32), "arch": "resnet18", "image_scale_min": 0.5, "epochs": 16,
             "batch_size": 32, "num_negatives": 1024, "warmup_epochs": 0.5, "workers": 1,
-            "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05,
+            "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.0,
             "grayscale_prob": 0.0, "log_every": 10, "knn_k": 20,
         },
     }
