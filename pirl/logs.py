@@ -2,9 +2,15 @@
 
 A record is a flat dict of scalars plus three fields every consumer relies on::
 
-    {"kind": "train" | "eval" | "event", "step": int (global), "epoch": int,
+    {"kind": "train" | "eval" | "event" | "resume", "step": int (global), "epoch": int,
      "time": float (unix seconds), ...scalars such as "loss", "loss_t", "loss_img", "lr",
      "samples_per_s", "knn_top1"}
+
+The file is append-only, so a run that crashed after its last checkpoint and was resumed holds
+the steps between that checkpoint and the crash twice.  The resumed run therefore first writes a
+``{"kind": "resume", "step": S, "epoch": E}`` marker (S = the checkpoint's step, E = its number
+of completed epochs), and :func:`read_log` returns the effective history: the records the
+resumed run went on from, without the ones the crashed run wrote after its checkpoint.
 
 JSON lines are always written (they need nothing installed and survive a crash: each line is
 flushed as it is written).  TensorBoard event files go to ``<run_dir>/tb`` when the optional
@@ -29,7 +35,8 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "log.jsonl"
 TB_DIR = "tb"
-KINDS = ("train", "eval", "event")
+KINDS = ("train", "eval", "event", "resume")
+RESUME = "resume"
 # Bookkeeping fields: they index a record rather than measure something, so they are not
 # mirrored to TensorBoard as scalars.
 _INDEX_FIELDS = frozenset({"kind", "step", "epoch", "time"})
@@ -91,6 +98,11 @@ class RunLogger:
             every method is a no-op, so callers need no ``if rank == 0`` around each call.
         tensorboard: True = require TensorBoard (ImportError naming the extra if missing),
             False = JSON lines only, None = use TensorBoard when it is importable.
+        resume: for a run that restarts in a folder that already has a log: the fields of the
+            ``"resume"`` marker written first, at least ``step`` (the checkpoint's step, 0 when
+            there was none) and ``epoch`` (its completed epochs).  TensorBoard is told to hide
+            the earlier events after that step (``purge_step``), the counterpart of what
+            :func:`read_log` does with the marker.
 
     Reopening a run folder (a resumed run) appends; existing lines are never rewritten.  The one
     exception is a fragment without its newline left by a crash in the middle of a write: it is
@@ -99,7 +111,8 @@ class RunLogger:
     """
 
     def __init__(self, run_dir: Path | str, enabled: bool = True,
-                 tensorboard: bool | None = None) -> None:
+                 tensorboard: bool | None = None,
+                 resume: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOG_NAME
         self.enabled = enabled
@@ -112,6 +125,12 @@ class RunLogger:
         # Line buffering + an explicit flush per record: a crash loses at most the record being
         # written, never earlier ones sitting in a buffer.
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        purge_step = None
+        if resume is not None:
+            self.log({**resume, "kind": RESUME})
+            # TensorBoard drops the events with step >= purge_step that precede its marker: the
+            # resumed run's first step is S + 1.
+            purge_step = int(resume["step"]) + 1
         if tensorboard is not False:
             try:
                 writer_cls = _tensorboard_writer_class()
@@ -123,7 +142,8 @@ class RunLogger:
                 log.debug("TensorBoard not installed; writing %s only", self.path)
             else:
                 # flush_secs: TensorBoard's default of 120 s hides the first minutes of a run.
-                self._tb = writer_cls(log_dir=str(self.run_dir / TB_DIR), flush_secs=30)
+                self._tb = writer_cls(log_dir=str(self.run_dir / TB_DIR), flush_secs=30,
+                                      purge_step=purge_step)
 
     @property
     def tensorboard_dir(self) -> Path | None:
@@ -177,7 +197,7 @@ class RunLogger:
                              f"in {record!r}")
         self._file.write(json.dumps(rec, allow_nan=False) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        if self._tb is not None and rec["kind"] != RESUME:  # bookkeeping, not a measurement
             step = int(rec["step"])  # type: ignore[arg-type]
             walltime = rec["time"] if isinstance(rec["time"], (int, float)) else None
             for key, value in rec.items():
@@ -204,8 +224,15 @@ class RunLogger:
         self.close()
 
 
-def read_log(path: Path | str) -> list[dict[str, Any]]:
-    """All records of a ``log.jsonl`` file, in file order.
+def read_log(path: Path | str, effective: bool = True) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl`` file, in file order.
+
+    With ``effective`` (the default), a ``"resume"`` marker at step S removes the records before
+    it that the crashed run wrote after its checkpoint: every kind but other resume markers with
+    a step above S, and also ``"eval"`` records whose epoch is above the marker's epoch (the
+    end-of-epoch kNN is logged at the epoch's last step, before that epoch's checkpoint is
+    written, so a crash in between repeats it at the same step).  Each step then appears once,
+    with the values of the run that continued.  ``effective=False`` returns every line as written.
 
     Blank lines are skipped.  An unparsable *last* line is what a crash in the middle of a write
     leaves behind: it is skipped with a warning.  Anywhere else a bad line means the file was
@@ -232,8 +259,26 @@ def read_log(path: Path | str) -> list[dict[str, Any]]:
                 continue
             raise LogFormatError(f"{path}, line {i + 1}: not a JSON object ({e}): "
                                  f"{line[:80]!r}") from e
+        if effective and rec.get("kind") == RESUME:
+            records = _drop_superseded(records, rec)
         records.append(rec)
     return records
+
+
+def _after(rec: dict[str, Any], key: str, bound: Any) -> bool:
+    """``rec[key] > bound`` for numeric values; False when either is missing or not a number."""
+    value = rec.get(key)
+    numeric = (int, float)
+    return (isinstance(value, numeric) and not isinstance(value, bool)
+            and isinstance(bound, numeric) and not isinstance(bound, bool) and value > bound)
+
+
+def _drop_superseded(records: list[dict[str, Any]], marker: dict[str, Any]) -> list[dict[str, Any]]:
+    """``records`` without those a resume ``marker`` says were written after its checkpoint."""
+    step, epoch = marker.get("step"), marker.get("epoch")
+    return [r for r in records if r.get("kind") == RESUME
+            or not (_after(r, "step", step)
+                    or (r.get("kind") == "eval" and _after(r, "epoch", epoch)))]
 
 
 class _StderrHandler(logging.Handler):

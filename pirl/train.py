@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from pirl.distributed import (
     parameter_checksum,
     setup_distributed,
 )
-from pirl.logs import RunLogger
+from pirl.logs import LOG_NAME, RunLogger
 from pirl.methods import Objective
 from pirl.models.pirl import build_model
 from pirl.schedule import build_optimizer, lr_at, peak_lr, set_lr
@@ -57,7 +58,12 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What :func:`pretrain` leaves behind."""
+    """What :func:`pretrain` leaves behind.
+
+    ``trunk_path`` is where the trunk weights go when the run finishes; a stopped run
+    (``stopped``: a stop signal or ``stop_after_steps``) writes only its checkpoint, so a file
+    there is then from an earlier, finished run of the folder or absent.  ``steps`` is the
+    global step reached, ``epochs`` the completed epochs."""
 
     run_dir: Path
     trunk_path: Path
@@ -65,6 +71,7 @@ class RunResult:
     epochs: int
     resumed_from_step: int
     last_record: dict[str, Any]
+    stopped: bool = False
 
 
 def prepare_run_dir(out: Path) -> Path:
@@ -120,20 +127,30 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 
 class _StopFlag:
-    """Set by SIGTERM / SIGUSR1 (cluster pre-emption): the loop checkpoints and exits cleanly."""
+    """Set by SIGTERM / SIGUSR1 (cluster pre-emption) or a first Ctrl-C (SIGINT): the loop
+    checkpoints at the end of the step and exits cleanly.  A second Ctrl-C aborts at once
+    (KeyboardInterrupt), losing only the steps since the last checkpoint."""
 
     def __init__(self) -> None:
         self.requested = False
         self._old: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             # ValueError: not the main thread (e.g. inside a test runner thread)
             with contextlib.suppress(ValueError):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a DataLoader worker forked with this handler: the main process decides
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: checkpointing after this step and stopping (press it again to "
+                        "abort without a checkpoint)")
         self.requested = True
 
     def __exit__(self, *exc: Any) -> None:
@@ -204,14 +221,19 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     if env.is_main:
         log.info("%s; peak lr %.4g = base_lr %g x %d / 256", env.describe(cfg.optim.batch_size),
                  peak, cfg.optim.base_lr, cfg.optim.batch_size)
-    step, epoch, batch_in_epoch = 0, 0, 0
+    state = _LoopState(step=0, epoch=0, batch=0)
     if ckpt is not None:
         _restore(ckpt, model, objective, optimizer)
-        pos = ckpt["position"]
-        step, epoch, batch_in_epoch = int(pos["step"]), int(pos["epoch"]), int(pos["batch"])
+        state = _position(ckpt["position"])
         if env.is_main:
-            log.info("resuming from %s at epoch %d, step %d", out / "checkpoint.pt", epoch, step)
-    resumed_from = step
+            log.info("resuming from %s at epoch %d, step %d", out / "checkpoint.pt", state.epoch,
+                     state.step)
+    # The checkpoint holds the total over all ranks; rank 0 carries it on so that the sum over
+    # ranks (what is logged and saved) continues from it.
+    skipped_at_start = state.skipped
+    if env.rank != 0:
+        state.skipped = 0
+    resumed_from = state.step
 
     train_model: nn.Module = model
     if env.world_size > 1:
@@ -219,21 +241,32 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
             model, device_ids=[dev.index] if on_gpu else None)
         # DDP has broadcast rank 0's weights; the bank and the position are each rank's own, so
         # a rank that resumed from another checkpoint file (no shared file system) stops here.
-        _check_replicas(model, objective, step, "at start" if ckpt is None else
+        _check_replicas(model, objective, state.step, "at start" if ckpt is None else
                         f"after resuming from {out / 'checkpoint.pt'}")
 
     dataset = SeededViews(ViewDataset(source, build_train_transform(cfg, permutations),
                                       strict=cfg.train.strict_data), seed=cfg.train.seed)
     per_rank = cfg.optim.batch_size // env.world_size
-    logger = RunLogger(out, enabled=env.is_main)
-    state = _LoopState(step=step, epoch=epoch, batch=batch_in_epoch)
+    # A log already there (a crash, a stop, or a run killed before its first checkpoint) gets a
+    # resume marker: the records it holds after this checkpoint's step are about to be
+    # superseded, and pirl.logs.read_log drops them.
+    log_path = out / LOG_NAME
+    restarting = ckpt is not None or (log_path.is_file() and log_path.stat().st_size > 0)
+    resume = ({"step": state.step, "epoch": state.epoch, "batch": state.batch,
+               "skipped_total": skipped_at_start} if restarting else None)
+    logger = RunLogger(out, enabled=env.is_main, resume=resume)
+
+    def skipped_total() -> int:
+        """Unreadable images skipped so far on all ranks together (a collective)."""
+        return round(all_reduce_mean(state.skipped, env) * env.world_size)
 
     def save() -> None:
         _check_replicas(model, objective, state.step, f"checkpoint at step {state.step}")
         _check_finite(model, objective, state.step, out)
+        skipped_all = skipped_total()
         if env.is_main:
             save_run_checkpoint(_checkpoint_state(cfg, n, model, objective, optimizer,
-                                                  permutations, state), out)
+                                                  permutations, state, skipped_all), out)
         env.barrier()
 
     last: dict[str, Any] = {}
@@ -285,7 +318,7 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                     rate = samples_since / max(now - t_last, 1e-9)
                     t_last, samples_since = now, 0
                     terms = {k: all_reduce_mean(v, env) for k, v in terms.items()}
-                    skipped_all = round(all_reduce_mean(state.skipped, env) * env.world_size)
+                    skipped_all = skipped_total()
                     last = {"kind": "train", "step": state.step, "epoch": state.epoch + 1,
                             "lr": lr, "samples_per_s": rate, "skipped_total": skipped_all,
                             **terms}
@@ -303,7 +336,7 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                                  state.step)
                     logger.close()
                     return RunResult(out, out / "trunk.pt", state.step, state.epoch,
-                                     resumed_from, last)
+                                     resumed_from, last, stopped=True)
             bar.close()
             state.epoch += 1
             state.batch = 0
@@ -313,7 +346,7 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                     logger.log({"kind": "eval", "step": state.step, "epoch": state.epoch, **knn})
                     log.info("epoch %d: kNN top-1 %.2f%%", state.epoch, knn["knn_top1"])
             save()
-    skipped_all = round(all_reduce_mean(state.skipped, env) * env.world_size)
+    skipped_all = skipped_total()
     if skipped_all and env.is_main:
         log.warning("%d unreadable image(s) were skipped in total (see the warnings above); "
                     "`pirl data check %s` lists them", skipped_all, data)
@@ -329,10 +362,20 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
 
 @dataclass
 class _LoopState:
+    """Where the loop is: global step, completed epochs, batches done in the current epoch, and
+    unreadable images skipped so far (by this process)."""
+
     step: int
     epoch: int
     batch: int
     skipped: int = 0
+
+
+def _position(pos: dict[str, Any]) -> _LoopState:
+    """The loop state saved in a checkpoint's ``position``.  ``skipped`` (the total over all
+    ranks) is absent from checkpoints written before it was saved: those count from 0."""
+    return _LoopState(step=int(pos["step"]), epoch=int(pos["epoch"]), batch=int(pos["batch"]),
+                      skipped=int(pos.get("skipped", 0)))
 
 
 def _check_replicas(model: nn.Module, objective: Objective, step: int, when: str) -> None:
@@ -367,7 +410,9 @@ def _check_finite(model: nn.Module, objective: Objective, step: int, out: Path) 
 
 def _checkpoint_state(cfg: C.Config, n: int, model: nn.Module, objective: Objective,
                       optimizer: torch.optim.Optimizer, permutations: torch.Tensor | None,
-                      state: _LoopState) -> dict[str, Any]:
+                      state: _LoopState, skipped_total: int) -> dict[str, Any]:
+    """Everything a resumed run needs; ``skipped_total`` is summed over ranks (rank 0 writes
+    the file, and its own count alone would lose the other ranks' skips)."""
     return {
         "config": C.to_dict(cfg),
         "dataset_size": n,
@@ -377,7 +422,8 @@ def _checkpoint_state(cfg: C.Config, n: int, model: nn.Module, objective: Object
         "scaler": {},  # bf16 autocast needs no loss scaling; kept for format stability
         "rng": rng_state(),
         "permutations": permutations,
-        "position": {"epoch": state.epoch, "step": state.step, "batch": state.batch},
+        "position": {"epoch": state.epoch, "step": state.step, "batch": state.batch,
+                     "skipped": skipped_total},
     }
 
 

@@ -138,6 +138,79 @@ def test_reopen_after_crash_mid_write_keeps_file_readable(tmp_path: Path) -> Non
     assert [r["step"] for r in read_log(path)] == [7]
 
 
+def _log_run(logger: RunLogger, steps: range, run: str, evals: dict[int, int]) -> None:
+    """Train records for ``steps`` (loss = step + an offset per run) and an eval record after
+    the steps in ``evals`` (step -> completed epochs), as the training loop writes them."""
+    offset = {"first": 0.0, "second": 100.0, "third": 200.0}[run]
+    for s in steps:
+        logger.log({"kind": "train", "step": s, "epoch": 1 + (s - 1) // 5, "loss": s + offset,
+                    "run": run})
+        if s in evals:
+            logger.log({"kind": "eval", "step": s, "epoch": evals[s], "knn_top1": s + offset,
+                        "run": run})
+
+
+def test_resume_marker_gives_each_step_once(tmp_path: Path) -> None:
+    """Steps 1..10, a crash, a resume from the checkpoint at step 6, then steps 7..12: the
+    effective history has steps 1..12 once each, 7..10 from the run that continued."""
+    evals = {5: 1, 10: 2}  # 5 steps per epoch; kNN after each epoch
+    with RunLogger(tmp_path, tensorboard=False) as logger:
+        _log_run(logger, range(1, 11), "first", evals)
+    with RunLogger(tmp_path, tensorboard=False, resume={"step": 6, "epoch": 1}) as logger:
+        _log_run(logger, range(7, 13), "second", evals)
+    path = tmp_path / LOG_NAME
+    raw = read_log(path, effective=False)
+    assert len(raw) == 10 + 2 + 1 + 6 + 1  # append-only: every line is still in the file
+    assert [r["step"] for r in raw if r["kind"] == "resume"] == [6]
+    records = read_log(path)
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    assert train == [(s, float(s)) for s in range(1, 7)] + [(s, s + 100.0) for s in range(7, 13)]
+    assert [(r["epoch"], r["run"]) for r in records if r["kind"] == "eval"] == \
+        [(1, "first"), (2, "second")]
+    assert [r["kind"] for r in records].count("resume") == 1
+    # a second crash after step 9, resumed from step 8: the third run supersedes 9..12
+    with RunLogger(tmp_path, tensorboard=False, resume={"step": 8, "epoch": 1}) as logger:
+        _log_run(logger, range(9, 14), "third", evals)
+    records = read_log(path)
+    train = [(r["step"], r["run"]) for r in records if r["kind"] == "train"]
+    assert train == ([(s, "first") for s in range(1, 7)] + [(7, "second"), (8, "second")]
+                     + [(s, "third") for s in range(9, 14)])
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [6, 8]  # markers stay
+    assert [(r["epoch"], r["run"]) for r in records if r["kind"] == "eval"] == \
+        [(1, "first"), (2, "third")]
+    # the plot reads the same history
+    x, y = load_curves(tmp_path).train["loss"]
+    np.testing.assert_array_equal(x, np.arange(1, 14))
+    assert y[6] == 107.0 and y[9] == 210.0
+
+
+def test_resume_marker_drops_eval_of_an_unsaved_epoch_end(tmp_path: Path) -> None:
+    """The checkpoint at an epoch's last step is written before its kNN when checkpoint_every
+    divides it (position epoch 1, not 2); a crash after the kNN record but before the
+    end-of-epoch save repeats that kNN at the same step.  The epoch tells the copies apart."""
+    with RunLogger(tmp_path, tensorboard=False) as logger:
+        _log_run(logger, range(1, 11), "first", {5: 1, 10: 2})
+    with RunLogger(tmp_path, tensorboard=False, resume={"step": 10, "epoch": 1}) as logger:
+        _log_run(logger, range(11, 11), "second", {})
+        logger.log({"kind": "eval", "step": 10, "epoch": 2, "knn_top1": 1.0, "run": "second"})
+    records = read_log(tmp_path / LOG_NAME)
+    assert [(r["epoch"], r["run"]) for r in records if r["kind"] == "eval"] == \
+        [(1, "first"), (2, "second")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 11))
+
+
+@pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed")
+def test_resume_marker_purges_tensorboard_steps(tmp_path: Path) -> None:
+    with RunLogger(tmp_path, tensorboard=True) as logger:
+        _log_run(logger, range(1, 11), "first", {})
+    with RunLogger(tmp_path, tensorboard=True, resume={"step": 6, "epoch": 1}) as logger:
+        _log_run(logger, range(7, 13), "second", {})
+    scalars = _tb_scalars(tmp_path / "tb")
+    assert set(scalars) == {"train/loss"}  # the marker is not mirrored
+    assert scalars["train/loss"] == [(s, float(s)) for s in range(1, 7)] + \
+        [(s, s + 100.0) for s in range(7, 13)]
+
+
 def _tb_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Read scalar summaries back from the event files with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -210,7 +283,8 @@ def test_setup_logging_levels_and_format(capsys: pytest.CaptureFixture[str]) -> 
 def _fake_run(run_dir: Path, steps: int, peak_lr: float, rate: float, seed: int,
               epochs: int = 5, knn: bool = True) -> None:
     """A realistic log: warm-up + cosine lr, noisy decreasing losses, noisy throughput, kNN per
-    epoch, and a resume that re-logs a few steps (as a real interrupted run does)."""
+    epoch, and a resume that re-logs a few steps (as a run interrupted before resume markers
+    existed did: no ``"resume"`` record, so read_log keeps both copies and the plot dedupes)."""
     rng = np.random.default_rng(seed)
     per_epoch = steps // epochs
     warm = per_epoch

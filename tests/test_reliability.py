@@ -23,6 +23,7 @@ import torch
 
 from pirl import checkpoint as ck
 from pirl.cli import main
+from pirl.logs import LOG_NAME, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,7 +190,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(small_data: Path, tmp_pat
     #    checkpoint.pt is gone, checkpoint.prev.pt is the end-of-epoch-1 one
     _killed(_pirl(_pretrain_args(small_data, run, workers=2), ("rename", 3), killer))
     assert not (run / ck.LATEST).exists()
-    assert ck.safe_load(run / ck.PREVIOUS)["position"] == {"epoch": 1, "step": 4, "batch": 0}
+    assert ck.safe_load(run / ck.PREVIOUS)["position"] == {"epoch": 1, "step": 4, "batch": 0,
+                                                           "skipped": 0}
 
     # 4. the same command, no kill: falls back to the previous checkpoint and finishes
     res = _pirl(args)
@@ -197,6 +199,19 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(small_data: Path, tmp_pat
     assert "previous checkpoint" in res.stderr
     assert not list(run.glob(".checkpoint.pt.tmp-*"))
     _assert_equal(_final_state(reference), _final_state(run))
+
+    # The log is append-only: the killed runs' records after their checkpoints are still in it
+    # (steps 3-4 three times, 5-6 twice), but the effective history is the reference's, step by
+    # step and loss by loss (the runs are bit-identical), with a resume marker per restart.
+    raw = [r["step"] for r in read_log(run / LOG_NAME, effective=False) if r["kind"] == "train"]
+    assert raw == [1, 2, 3, 4, 3, 4, 5, 6, 5, 6, 7, 8]
+    records = read_log(run / LOG_NAME)
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [2, 2, 4]
+
+    def losses(recs: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
+        return [(r["step"], r["loss"], r["lr"]) for r in recs if r["kind"] == "train"]
+
+    assert losses(records) == losses(read_log(reference / LOG_NAME))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -332,6 +347,43 @@ def test_bad_images_are_skipped_counted_and_summarised(
     assert (out / "trunk.pt").exists()
 
 
+def test_skipped_count_survives_a_resume(data_with_bad_files: tuple[Path, list[Path]],
+                                         tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                         one_thread: None) -> None:
+    """Every epoch passes over the 2 unreadable images (34 images, 2 batches of 17): a run
+    stopped after epoch 1 and resumed for epoch 2 counts 4, as an uninterrupted run would; a
+    checkpoint written before the count was saved resumes from 0."""
+    from pirl import config as C
+    from pirl.train import pretrain
+
+    data, _ = data_with_bad_files
+    cfg = C.from_preset("cifar10-r18")
+    for kv in ("small_stem=false", "batch_size=17", "epochs=2", "workers=0", "quiet=true",
+               "num_negatives=16", "warmup_epochs=0", "knn_every=0", "log_every=1"):
+        C.set_value(cfg, *kv.split("="))
+    run, old = tmp_path / "run", tmp_path / "old-format"
+    first = pretrain(cfg, str(data), run, stop_after_steps=2)
+    assert first.stopped and first.steps == 2
+    assert ck.safe_load(run / ck.LATEST)["position"]["skipped"] == 2
+    shutil.copytree(run, old)
+    ckpt = ck.safe_load(old / ck.LATEST)
+    del ckpt["position"]["skipped"]
+    torch.save(ckpt, old / ck.LATEST)
+
+    def last_total(folder: Path) -> int:
+        return [r for r in read_log(folder / LOG_NAME) if r["kind"] == "train"][-1]["skipped_total"]
+
+    with caplog.at_level("WARNING", logger="pirl"):
+        second = pretrain(cfg, str(data), run)
+    assert not second.stopped and second.steps == 4
+    assert last_total(run) == 4
+    assert ck.safe_load(run / ck.LATEST)["position"]["skipped"] == 4
+    assert "4 unreadable image(s) were skipped in total" in caplog.text
+    assert [r["skipped_total"] for r in read_log(run / LOG_NAME) if r["kind"] == "resume"] == [2]
+    pretrain(cfg, str(data), old)  # backward compatible: no "skipped" -> counts from 0
+    assert last_total(old) == 2
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_strict_data_stops_at_the_first_bad_file(
         data_with_bad_files: tuple[Path, list[Path]], tmp_path: Path,
@@ -351,6 +403,48 @@ def test_strict_data_stops_at_the_first_bad_file(
     assert any(f"unreadable image {f}:" in line for f in bad), line
     assert "--strict-data" in line
     gc.collect()  # shut the workers down now, under the short interval
+
+
+def test_stopped_run_says_how_to_resume_not_where_trunk_is(
+        small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """SIGTERM (pre-emption) stops the run with a checkpoint; the last line gives the step and
+    how to go on, and names trunk.pt only once it exists."""
+    from pirl.methods import Objective
+
+    after_step = Objective.after_step
+    calls = [0]
+
+    def sigterm_on_first_step(self: Objective, *a: Any, **k: Any) -> None:
+        after_step(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "run"
+    trunk = out / "trunk.pt"
+    monkeypatch.setattr(Objective, "after_step", sigterm_on_first_step)
+    assert main(_train_args(small_data, out, batch=16)) == 0  # 64 images: 4 steps per epoch
+    step = ck.safe_load(out / ck.LATEST)["position"]["step"]
+    assert 1 <= step < 4  # stopped early
+    printed = capsys.readouterr().out.strip()
+    assert printed == (f"stopped at step {step}; checkpoint in {out}. Rerun the same command to "
+                       "resume from it")
+    assert not trunk.exists()
+
+    monkeypatch.setattr(Objective, "after_step", after_step)
+    assert main(_train_args(small_data, out, batch=16)) == 0  # the same command finishes
+    assert capsys.readouterr().out.strip() == f"run folder: {out}  (trunk weights: {trunk})"
+    assert trunk.is_file()
+
+    calls[0] = 0  # a longer run in the same folder, stopped again: trunk.pt is the old one
+    monkeypatch.setattr(Objective, "after_step", sigterm_on_first_step)
+    assert main(_train_args(small_data, out, batch=16, epochs=2)) == 0
+    step = ck.safe_load(out / ck.LATEST)["position"]["step"]
+    assert 4 < step < 8
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"stopped at step {step}; ")
+    assert printed.endswith(f"({trunk} is from an earlier, finished run of this folder)")
 
 
 def test_data_check_cli_lists_planted_files(tiny_imagefolder: Path, tmp_path: Path,
@@ -638,3 +732,36 @@ def test_tar_members_never_touch_the_filesystem(tiny_imagefolder: Path, tmp_path
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert not outside.exists() and not any(work.iterdir())
     assert "unsafe member" in capsys.readouterr().err
+
+
+def test_ctrl_c_checkpoints_once_and_aborts_twice(
+        small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """A first Ctrl-C (SIGINT) stops like SIGTERM, with a checkpoint within a step; a
+    second one aborts at once with KeyboardInterrupt and writes nothing new."""
+    from pirl.methods import Objective
+
+    after_step = Objective.after_step
+    calls = [0]
+
+    def ctrl_c(times: int) -> Any:
+        def patched(self: Objective, *a: Any, **k: Any) -> None:
+            after_step(self, *a, **k)
+            calls[0] += 1
+            if calls[0] == 1:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+        return patched
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Objective, "after_step", ctrl_c(1))
+    assert main(_train_args(small_data, out, batch=16)) == 0
+    step = ck.safe_load(out / ck.LATEST)["position"]["step"]
+    assert 1 <= step < 4  # 64 images, batch 16: stopped within the first epoch
+    assert capsys.readouterr().out.startswith(f"stopped at step {step}; ")
+
+    calls[0] = 0
+    other = tmp_path / "other"
+    monkeypatch.setattr(Objective, "after_step", ctrl_c(2))
+    assert main(_train_args(small_data, other, batch=16)) == 130  # the CLI's "interrupted"
+    assert not (other / ck.LATEST).exists()
