@@ -358,9 +358,10 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
 def validate(cfg: Config, dataset_size: int | None = None) -> list[str]:
     """Check every value; raise :class:`ConfigError` on the first impossible one.
 
-    With ``dataset_size`` (|D|), also check what depends on the data, and cap a preset's number of
-    negatives at |D| - 1.  Returns human-readable notes about such adjustments (the caller prints
-    them), so a preset works on a dataset of a few hundred images.
+    With ``dataset_size`` (|D|), also check what depends on the data, cap a preset's number of
+    negatives at |D| - 1, and shrink a warm-up that does not fit in the run.  Returns
+    human-readable notes about such adjustments (the caller prints them), so a preset works on a
+    dataset of a few hundred images and for a run of a single epoch.
     """
     v, m, o, op, t = cfg.views, cfg.model, cfg.objective, cfg.optim, cfg.train
     _check(m.arch in ARCHS, "model.arch", m.arch, f"choose one of {list(ARCHS)}")
@@ -408,8 +409,7 @@ def validate(cfg: Config, dataset_size: int | None = None) -> list[str]:
     _check(op.base_lr > 0, "optim.base_lr", op.base_lr, "must be positive")
     _check(0 <= op.momentum < 1, "optim.momentum", op.momentum, "must be in [0, 1)")
     _check(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be non-negative")
-    _check(0 <= op.warmup_epochs < op.epochs, "optim.warmup_epochs", op.warmup_epochs,
-           f"must be in [0, optim.epochs={op.epochs})")
+    _check(op.warmup_epochs >= 0, "optim.warmup_epochs", op.warmup_epochs, "must be non-negative")
     _check(0 < op.min_lr_ratio <= 1, "optim.min_lr_ratio", op.min_lr_ratio, "must be in (0, 1]")
     _check(t.workers >= 0, "train.workers", t.workers, "must be non-negative")
     _check(t.log_every >= 1, "train.log_every", t.log_every, "must be at least 1")
@@ -427,6 +427,12 @@ def validate(cfg: Config, dataset_size: int | None = None) -> list[str]:
             notes.append(f"objective.num_negatives={o.num_negatives} exceeds |D| - 1 = "
                          f"{dataset_size - 1}; using {dataset_size - 1}")
             o.num_negatives = dataset_size - 1
+        # A preset's warm-up (e.g. 2 epochs) must not swallow a short run (`--epochs 1`): shrink
+        # it to a tenth of the run, as the negatives above, and say so.
+        if op.warmup_epochs >= op.epochs:
+            notes.append(f"optim.warmup_epochs={op.warmup_epochs} does not fit in optim.epochs="
+                         f"{op.epochs}; using {op.epochs / 10:g} (a tenth of the run)")
+            op.warmup_epochs = op.epochs / 10
     return notes
 
 

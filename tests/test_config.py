@@ -105,3 +105,18 @@ def test_help_table_lists_every_field_with_help() -> None:
     text = C.help_table(C.from_preset("demo"))
     assert "base_lr: 0.03  # learning rate per 256 images" in text
     assert text.count("#") >= 40
+
+
+def test_a_preset_warmup_shrinks_to_fit_a_short_run() -> None:
+    """`--preset imagenette96-r18 --epochs 1` (2 warm-up epochs) runs, with a note."""
+    cfg = C.from_preset("imagenette96-r18")
+    cfg.optim.epochs = 1
+    notes = C.validate(cfg, dataset_size=500)
+    assert cfg.optim.warmup_epochs == pytest.approx(0.1)
+    assert any("optim.warmup_epochs=2.0 does not fit in optim.epochs=1" in n for n in notes)
+    cfg = C.from_preset("imagenette96-r18")  # a long enough run keeps its warm-up
+    assert not [n for n in C.validate(cfg, dataset_size=500) if "warmup" in n]
+    assert cfg.optim.warmup_epochs == 2.0
+    with pytest.raises(C.ConfigError, match=r"optim.warmup_epochs=-1.0: must be non-negative"):
+        C.apply_overrides(cfg, ["warmup_epochs=-1"])
+        C.validate(cfg)
