@@ -269,6 +269,15 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                                                   permutations, state, skipped_all), out)
         env.barrier()
 
+    # More workers than CPUs only adds contention (torch warns about it too); augmentations are a
+    # function of (seed, epoch, index), so the number of workers never changes the data.
+    workers = cfg.train.workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus and workers > cpus:
+        if env.is_main:
+            log.info("train.workers=%d exceeds the %d CPU(s) available; using %d", workers, cpus,
+                     cpus)
+        workers = cpus
     last: dict[str, Any] = {}
     steps_this_call = 0
     with _StopFlag() as stop:
@@ -276,9 +285,9 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
             sampler = EpochSampler(n, cfg.optim.batch_size, cfg.train.seed, env.rank,
                                    env.world_size, epoch=state.epoch, start_batch=state.batch)
             loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
-                                num_workers=cfg.train.workers, pin_memory=on_gpu,
+                                num_workers=workers, pin_memory=on_gpu,
                                 persistent_workers=False,
-                                prefetch_factor=4 if cfg.train.workers > 0 else None)
+                                prefetch_factor=4 if workers > 0 else None)
             model.train()
             bar = tqdm(total=steps_per_epoch, initial=state.batch, unit="step",
                        desc=f"epoch {state.epoch + 1}/{cfg.optim.epochs}", dynamic_ncols=True,
