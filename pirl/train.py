@@ -126,6 +126,12 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
                           enabled=enabled and device.type == "cuda")
 
 
+def usable_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, capped at the CPUs this process may run on."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(requested, cpus) if cpus else requested
+
+
 class _StopFlag:
     """Set by SIGTERM / SIGUSR1 (cluster pre-emption) or a first Ctrl-C (SIGINT): the loop
     checkpoints at the end of the step and exits cleanly.  A second Ctrl-C aborts at once
@@ -271,13 +277,10 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
 
     # More workers than CPUs only adds contention (torch warns about it too); augmentations are a
     # function of (seed, epoch, index), so the number of workers never changes the data.
-    workers = cfg.train.workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cpus and workers > cpus:
-        if env.is_main:
-            log.info("train.workers=%d exceeds the %d CPU(s) available; using %d", workers, cpus,
-                     cpus)
-        workers = cpus
+    workers = usable_workers(cfg.train.workers)
+    if workers < cfg.train.workers and env.is_main:
+        log.info("train.workers=%d exceeds the %d CPU(s) available; using %d",
+                 cfg.train.workers, workers, workers)
     last: dict[str, Any] = {}
     steps_this_call = 0
     with _StopFlag() as stop:
@@ -457,7 +460,8 @@ def knn_monitor(trunk: nn.Module, cfg: C.Config, train_source: Any, val_data: st
 
     was_training = trunk.training
     broadcast_buffers(trunk)  # every rank extracts a shard: all must use rank 0's BN statistics
-    settings = EvalSettings(device=device, batch_size=256, workers=cfg.train.workers,
+    settings = EvalSettings(device=device, batch_size=256,
+                            workers=usable_workers(cfg.train.workers),
                             quiet=cfg.train.quiet or not env.is_main, cache_dir=None)
     result = run_knn(trunk, train_source, open_source(val_data), cfg.views, settings,
                      k=cfg.train.knn_k)
