@@ -22,7 +22,16 @@ from pathlib import Path
 
 import pytest
 
-IMAGENETTE_DIR = Path("/work/shared/data/imagenette-96")
+
+def _imagenette_dir() -> Path:
+    """The shared Imagenette-96 folder: ``../shared`` beside the checkout (the layout of the
+    project's machines and CI), else /work/shared (a checkout cloned elsewhere, e.g. /tmp)."""
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette-96",
+                  Path("/work/shared/data/imagenette-96")]
+    return next((d for d in candidates if (d / "val.tar").is_file()), candidates[0])
+
+
+IMAGENETTE_DIR = _imagenette_dir()
 PER_CLASS = 20
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import IMAGENETTE_DIR
 
 from pirl.config import Config, to_dict, view_preset
 from pirl.data.datasets import open_source
@@ -35,7 +36,7 @@ from pirl.evaluate.svm import run_svm
 from pirl.models.pirl import build_model
 from pirl.models.trunk import build_trunk
 
-VAL_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette-96" / "val.tar"
+VAL_TAR = IMAGENETTE_DIR / "val.tar"
 TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 4  # 10 classes: 80 train + 40 val images
 
 

@@ -9,12 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import IMAGENETTE_DIR
 
 from pirl import config as C
 from pirl.data.datasets import TarSource, open_source
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "imagenette-96"
+DATA = IMAGENETTE_DIR
 needs_data = pytest.mark.skipif(not (DATA / "train.tar").is_file(),
                                 reason=f"real images not found at {DATA}")
 
