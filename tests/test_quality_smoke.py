@@ -92,6 +92,7 @@ def test_quick_run_trains_loads_and_evaluates_each_kind(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     methods = ["random", "pirl", "npid", "jigsaw", "rotation"]
     result = Q.main(["--quick", "--methods", ",".join(methods), "--workers", "0",
+                     "--train-data", str(DATA / "train.tar"), "--val-data", str(DATA / "val.tar"),
                      "--threads", "1", "--out", str(tmp_path)])
     assert [r["method"] for r in result["rows"]] == methods
     assert result["num_train"] == 40 and result["num_val"] == 20
