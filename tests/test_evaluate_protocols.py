@@ -177,15 +177,7 @@ def test_finetune_protocol(splits, views) -> None:
 
 
 def _pirl_checkpoint(path: Path) -> Path:
-    cfg = Config()
-    cfg.model.arch, cfg.objective.method = "resnet18", "pirl"
-    for k, v in view_preset(32).items():
-        setattr(cfg.views, k, v)
-    torch.manual_seed(1)
-    model = build_model(cfg)
-    torch.save({"format": "pirl", "version": 1, "config": to_dict(cfg),
-                "model": model.state_dict()}, path)
-    return path
+    return _method_checkpoint(path, "pirl", seed=1)
 
 
 def test_invariance_overlays_two_checkpoints(splits, views, tmp_path) -> None:
@@ -285,14 +277,14 @@ def test_cli_rejects_bad_input(splits, tmp_path, capsys) -> None:
     assert "error" in capsys.readouterr().err
 
 
-def _method_checkpoint(path: Path, method: str) -> Path:
+def _method_checkpoint(path: Path, method: str, seed: int = 4) -> Path:
     """A checkpoint as ``pirl pretrain --method METHOD`` writes it (random weights)."""
     cfg = Config()
     cfg.model.arch, cfg.objective.method = "resnet18", method
     cfg.objective.num_permutations = 10
     for k, v in view_preset(32).items():
         setattr(cfg.views, k, v)
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     model = build_model(cfg)
     torch.save({"format": "pirl", "version": 1, "config": to_dict(cfg),
                 "model": model.state_dict()}, path)
