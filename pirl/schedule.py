@@ -36,7 +36,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: weight decay on conv / linear weights; none on BatchNorm parameters and biases
     (as the authors' release does: decaying them only hurts).  Every parameter of rank <= 1 is a
     bias or a normalisation scale/shift."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -353,7 +353,9 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
             state.epoch += 1
             state.batch = 0
             if val_data and cfg.train.knn_every and state.epoch % cfg.train.knn_every == 0:
-                knn = knn_monitor(model.trunk, cfg, source, val_data, dev, env)
+                trunk = model.trunk
+                assert isinstance(trunk, nn.Module)  # every pirl model has a trunk module
+                knn = knn_monitor(trunk, cfg, source, val_data, dev, env)
                 if env.is_main:
                     logger.log({"kind": "eval", "step": state.step, "epoch": state.epoch, **knn})
                     log.info("epoch %d: kNN top-1 %.2f%%", state.epoch, knn["knn_top1"])
