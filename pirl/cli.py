@@ -13,12 +13,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pirl import config as C
-
-if TYPE_CHECKING:
-    from pirl.train import RunResult
 
 log = logging.getLogger("pirl")
 
@@ -69,24 +65,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from pirl.distributed import cleanup_distributed
 
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, not one per process
-        print(pretrain_summary(result))
+        print(result.summary())
     cleanup_distributed()
     return 0
-
-
-def pretrain_summary(result: RunResult) -> str:
-    """The line ``pirl pretrain`` ends with: where the trunk weights are, or, for a run stopped
-    before the end (SIGTERM / SIGUSR1), its step and how to go on.  trunk.pt is named only when
-    the file exists: a stopped run writes its checkpoint, not the trunk."""
-    trunk = result.trunk_path
-    if not result.stopped:
-        weights = f"trunk weights: {trunk}" if trunk.is_file() else "no trunk.pt written"
-        return f"run folder: {result.run_dir}  ({weights})"
-    line = (f"stopped at step {result.steps}; checkpoint in {result.run_dir}. Rerun the same "
-            "command to resume from it")
-    if trunk.is_file():
-        line += f" ({trunk} is from an earlier, finished run of this folder)"
-    return line
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

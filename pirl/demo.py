@@ -38,7 +38,7 @@ def run_demo(out: Path, device: str | None = None, epochs: int | None = None,
     result = pretrain(cfg, TRAIN, out, device=device)
     train_s = time.perf_counter() - start
     if result.stopped:  # a stop signal: the trunk is half-trained, so no comparison is printed
-        print(f"stopped at step {result.steps}; rerun the same command to resume the demo")
+        print(result.summary())
         return 0
 
     env = setup_distributed(device)

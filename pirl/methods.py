@@ -66,6 +66,10 @@ class Objective:
         self.generator: torch.Generator | None = None
         self.log_z: float | None = None  # nce-fixed-z: estimated on the first batch, then fixed
         self.num_negatives = 0
+        # Under data parallelism, this step's indices gathered from every rank: (the batch's own
+        # index tensor, all indices in rank order, per-rank sizes).  loss() needs them for the
+        # negatives and after_step() for the bank update; one collective serves both.
+        self._step_indices: tuple[Tensor, Tensor, list[int]] | None = None
         if self.method in BANK_METHODS:
             if self.loss_name not in ("nce", "nce-fixed-z", "infonce"):
                 raise ValueError(f"objective.loss={self.loss_name!r}: choose one of nce, "
@@ -105,7 +109,8 @@ class Objective:
         if self.method == "pirl":
             queries.insert(0, _need(out, "z_t", "the model output", self.method))
         idx = _need(batch, "index", "the batch", self.method).to(self.device).long()
-        pos, neg = self._logits(torch.stack([q.float() for q in queries], dim=1), idx)
+        pos, neg = self._logits(torch.stack([q.float() for q in queries], dim=1), idx,
+                                batch["index"])
         if self.loss_name == "nce-fixed-z" and self.log_z is None:
             # The image term's scores of the first batch, as in VISSL (one Z for both terms).
             self.log_z = self._agree(L.estimate_log_z_from_logits(pos[:, -1], neg[:, -1],
@@ -119,18 +124,18 @@ class Objective:
         total = L.pirl_objective(None, per_term[0], 0.0)
         return total, {"loss": float(total.detach()), "loss_img": float(total.detach())}
 
-    def _logits(self, q: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    def _logits(self, q: Tensor, idx: Tensor, batch_index: Tensor) -> tuple[Tensor, Tensor]:
         """q ``[B,Q,D]`` (unit norm) -> (pos ``[B,Q]``, neg ``[B,Q,N]``), divided by tau."""
         assert self.bank is not None
         p = self.bank.positives(idx)  # [B,D]
         pos = (q * p.unsqueeze(1)).sum(dim=2) / self.tau
-        neg_idx = self._negative_indices(idx)
+        neg_idx = self._negative_indices(idx, batch_index)
         qt = q / self.tau  # scaling the [B,Q,D] query, not the [B,Q,N] scores: two passes fewer
         if self.mode == "per-sample":
             return pos, gather_scores(qt, self.bank.rows, neg_idx)
         return pos, shared_scores(qt, self.bank.rows, neg_idx)
 
-    def _negative_indices(self, idx: Tensor) -> Tensor:
+    def _negative_indices(self, idx: Tensor, batch_index: Tensor) -> Tensor:
         """Negatives of this rank's samples ``idx`` Long ``[b]``: ``[b,N]`` (per-sample) or
         ``[N]`` (shared).
 
@@ -143,12 +148,21 @@ class Objective:
         assert self.bank is not None
         if not is_distributed():
             return self.bank.negative_indices(idx, self.num_negatives, self.mode, self.generator)
-        everyone, sizes = all_gather_ragged(idx)
+        everyone, sizes = self._gathered_indices(idx, batch_index)
         neg = self.bank.negative_indices(everyone, self.num_negatives, self.mode, self.generator)
         if self.mode != "per-sample":
             return neg
         lo = sum(sizes[:torch.distributed.get_rank()])
         return neg[lo:lo + idx.shape[0]]
+
+    def _gathered_indices(self, idx: Tensor, batch_index: Tensor) -> tuple[Tensor, list[int]]:
+        """Every rank's ``idx`` in rank order and the per-rank sizes; gathered once per step
+        (``batch_index``, the batch's own tensor, tells whether it is still the same step)."""
+        cached = self._step_indices
+        if cached is None or cached[0] is not batch_index:
+            everyone, sizes = all_gather_ragged(idx)
+            cached = self._step_indices = (batch_index, everyone, sizes)
+        return cached[1], cached[2]
 
     def _per_sample(self, pos: Tensor, neg: Tensor) -> Tensor:
         if self.loss_name == "nce":
@@ -176,7 +190,8 @@ class Objective:
             return
         z = _need(out, "z_img", "the model output", self.method).detach().float()
         idx = _need(batch, "index", "the batch", self.method).to(z.device).long()
-        everyone, sizes = all_gather_ragged(idx)
+        everyone, sizes = self._gathered_indices(idx, batch["index"])
+        self._step_indices = None  # the next step gathers its own
         self.bank.update(everyone, all_gather_ragged(z, sizes)[0], self.momentum)
 
     # ------------------------------------------------------------------ state

@@ -31,7 +31,7 @@ from pirl.checkpoint import (
     set_rng_state,
 )
 from pirl.data import ViewDataset, open_source
-from pirl.data.sampler import EpochSampler, SeededViews, seed_everything
+from pirl.data.sampler import EpochSampler, SeededViews, seed_everything, usable_workers
 from pirl.data.views import build_train_transform, maximal_hamming_permutations, normalize
 from pirl.distributed import (
     DistEnv,
@@ -72,6 +72,19 @@ class RunResult:
     resumed_from_step: int
     last_record: dict[str, Any]
     stopped: bool = False
+
+    def summary(self) -> str:
+        """The line a command ends with: where the trunk weights are or, for a stopped run, its
+        step and how to go on.  trunk.pt is named only when the file exists."""
+        trunk = self.trunk_path
+        if not self.stopped:
+            weights = f"trunk weights: {trunk}" if trunk.is_file() else "no trunk.pt written"
+            return f"run folder: {self.run_dir}  ({weights})"
+        line = (f"stopped at step {self.steps}; checkpoint in {self.run_dir}. Rerun the same "
+                "command to resume from it")
+        if trunk.is_file():
+            line += f" ({trunk} is from an earlier, finished run of this folder)"
+        return line
 
 
 def prepare_run_dir(out: Path) -> Path:
@@ -124,12 +137,6 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
     """bfloat16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                           enabled=enabled and device.type == "cuda")
-
-
-def usable_workers(requested: int) -> int:
-    """``requested`` DataLoader workers, capped at the CPUs this process may run on."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(requested, cpus) if cpus else requested
 
 
 class _StopFlag:
@@ -275,8 +282,6 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                                                   permutations, state, skipped_all), out)
         env.barrier()
 
-    # More workers than CPUs only adds contention (torch warns about it too); augmentations are a
-    # function of (seed, epoch, index), so the number of workers never changes the data.
     workers = usable_workers(cfg.train.workers)
     if workers < cfg.train.workers and env.is_main:
         log.info("train.workers=%d exceeds the %d CPU(s) available; using %d",
@@ -462,8 +467,7 @@ def knn_monitor(trunk: nn.Module, cfg: C.Config, train_source: Any, val_data: st
 
     was_training = trunk.training
     broadcast_buffers(trunk)  # every rank extracts a shard: all must use rank 0's BN statistics
-    settings = EvalSettings(device=device, batch_size=256,
-                            workers=usable_workers(cfg.train.workers),
+    settings = EvalSettings(device=device, batch_size=256, workers=cfg.train.workers,
                             quiet=cfg.train.quiet or not env.is_main, cache_dir=None)
     result = run_knn(trunk, train_source, open_source(val_data), cfg.views, settings,
                      k=cfg.train.knn_k)

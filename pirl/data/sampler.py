@@ -14,6 +14,7 @@ rank order therefore reproduces the single-process batch exactly.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,14 @@ from torch.utils.data import Dataset, Sampler
 from pirl.data.datasets import UnreadableDataError
 
 log = logging.getLogger(__name__)
+
+def usable_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, capped at the CPUs this process may run on: more only
+    adds contention (torch warns about it), and since every augmentation is a function of (seed,
+    draw id), the number of workers never changes the data."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(requested, cpus) if cpus else requested
+
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads consecutive seeds apart
 

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from pirl.config import ViewConfig
 from pirl.data.datasets import ImageSource, ViewDataset, collate_views
+from pirl.data.sampler import usable_workers
 from pirl.data.views import build_eval_transform, normalize
 from pirl.distributed import all_gather_ragged, any_rank, gather_sizes, is_distributed, shard
 from pirl.models.trunk import STAGES, stage_features
@@ -82,7 +83,7 @@ class EvalSettings:
                batch_size: int | None = None) -> DataLoader:
         """A DataLoader over a :class:`ViewDataset`-like dataset (bad images dropped by collate)."""
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
-                          num_workers=self.workers, collate_fn=collate_views,
+                          num_workers=usable_workers(self.workers), collate_fn=collate_views,
                           pin_memory=self.device.type == "cuda", generator=generator,
                           drop_last=drop_last, persistent_workers=False)
 
