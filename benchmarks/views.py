@@ -7,13 +7,18 @@ Compares, side by side in one run, on a decoded 256 x 256 PIL image (no JPEG dec
   image view; RandomResizedCrop(255) for the jigsaw crop, then for each of the 9 cells a crop at a
   random offset followed by its own flip / ColorJitter / grayscale / to-tensor; a random order.
 * ``pirl fast path``: :func:`pirl.data.views.build_train_transform` for method pirl, pretext
-  jigsaw (uint8 tensors throughout, one batched colour call for the 9 patches).
+  jigsaw (uint8 tensors throughout, one batched colour call for the image view and 9 patches).
+* ``pirl batched colour``: what training runs in each DataLoader worker: the same transform with
+  ``defer_colour=True`` (crops and parameters only) on ``--batch`` images, then
+  :class:`pirl.data.views.ColourCollate` colouring all their views in one call and writing the
+  collated batch; the time of the whole batch divided by its size.  (The rows above include no
+  collation: that favours them.)
 
-Both do the same operations with the same probabilities (colour jitter 0.4/0.4/0.4/0.2 always,
+All do the same operations with the same probabilities (colour jitter 0.4/0.4/0.4/0.2 always,
 grayscale 0.2, flip 0.5).  The rounds alternate between the pipelines so that load from other
-processes on the machine hits both alike; ms/image is the median over rounds.
+processes on the machine hits all alike; ms/image is the median over rounds.
 
-    python benchmarks/views.py [--rounds 15] [--per-round 40] [--image PATH_OR_TAR]
+    python benchmarks/views.py [--rounds 15] [--per-round 40] [--batch 32] [--image PATH_OR_TAR]
 """
 
 from __future__ import annotations
@@ -32,10 +37,17 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
+from torch.utils.data import default_collate
 
 from pirl.config import Config, ViewConfig
 from pirl.data.jigsaw import JigsawView
-from pirl.data.views import IMAGENET_MEAN, IMAGENET_STD, ImageView, build_train_transform
+from pirl.data.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ColourCollate,
+    ImageView,
+    build_train_transform,
+)
 
 DEFAULT_TAR = Path(__file__).resolve().parents[1] / "../shared/data/imagenette-96/val.tar"
 
@@ -103,18 +115,38 @@ class BaselinePIL:
         return {"image": image, "patches": torch.stack(patches)[order]}
 
 
+class BatchedColour:
+    """``batch`` samples of ``TrainTransform(defer_colour=True)`` and one :class:`ColourCollate`
+    call: ``__call__(img)`` returns the collated batch of ``batch`` views of ``img``."""
+
+    def __init__(self, cfg: Config, batch: int) -> None:
+        self.transform = build_train_transform(cfg, defer_colour=True)
+        self.collate = ColourCollate()
+        self.batch = batch
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        out = self.collate([{**self.transform(img), "index": i} for i in range(self.batch)])
+        assert isinstance(out, dict)
+        return out
+
+
 def time_per_image(fn: Callable[[Image.Image], object], img: Image.Image, n: int) -> float:
-    """Seconds per call over ``n`` calls."""
+    """Seconds per image over ``n`` images (``n // fn.batch`` calls, at least one, when ``fn``
+    makes a batch of images per call)."""
+    per_call = getattr(fn, "batch", 1)
+    calls = max(1, n // per_call)
     t0 = time.perf_counter()
-    for _ in range(n):
+    for _ in range(calls):
         fn(img)
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / (calls * per_call)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15, help="alternating timing rounds")
     ap.add_argument("--per-round", type=int, default=40, help="images per pipeline per round")
+    ap.add_argument("--batch", type=int, default=32, help="images per batch of the batched "
+                    "colour row (per round: per-round // batch batches, at least one)")
     ap.add_argument("--image", default=None, help="image file or ImageFolder tar to take one "
                     "image from (default: imagenette-96 val.tar; noise if missing)")
     args = ap.parse_args(argv)
@@ -128,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     pipelines: dict[str, Callable[[Image.Image], object]] = {
         "baseline (PIL, view by view)": BaselinePIL(v),
         "pirl fast path (image + jigsaw)": build_train_transform(cfg),
+        f"pirl batched colour (batch {args.batch}, per image)": BatchedColour(cfg, args.batch),
         "  of which: image view alone": image_view,
         "  of which: jigsaw view alone": jigsaw_view,
         "baseline + ToTensor/Normalize per view (float out)": BaselinePIL(v, float_output=True),
@@ -139,6 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("image", "patches"):
         assert base_out[key].shape == fast_out[key].shape, key
         assert base_out[key].dtype == fast_out[key].dtype == torch.uint8, key
+    # The batched path gives bit for bit the per-sample path's pixels (seeded per sample, as
+    # training seeds them).
+    batched = BatchedColour(cfg, 3)
+    per_sample, deferred = [], []
+    for i in range(batched.batch):
+        torch.manual_seed(i)
+        per_sample.append(pipelines["pirl fast path (image + jigsaw)"](img))
+        torch.manual_seed(i)
+        deferred.append(batched.transform(img))
+    reference, batch_out = default_collate(per_sample), batched.collate(deferred)
+    for key in ("image", "patches"):
+        assert torch.equal(batch_out[key], reference[key]), key
+    torch.manual_seed(0)
     for fn in pipelines.values():  # warm-up
         time_per_image(fn, img, 5)
     times: dict[str, list[float]] = {name: [] for name in pipelines}
@@ -149,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     base = med["baseline (PIL, view by view)"]
     print(f"jigsaw + image views, paper preset (view {v.image_size}, crop {v.jigsaw_crop}, cell "
           f"{v.cell}, patch {v.patch}), {img.width}x{img.height} PIL input, 1 thread, "
-          f"torch {torch.__version__}; median of {args.rounds} rounds x {args.per_round} images; "
+          f"torch {torch.__version__}; median of {args.rounds} rounds x {args.per_round} images "
+          f"(batched row: {max(1, args.per_round // args.batch)} x {args.batch}); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine)")
     print()
     print("| pipeline | ms/image | images/s | speed-up vs baseline |")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,19 +13,26 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torch.utils.data import default_collate
 
-from pirl.config import Config, apply_mapping, view_preset
+from pirl.config import Config, ViewConfig, apply_mapping, view_preset
 from pirl.data.augment import (
+    ColourJob,
     Photometric,
     apply_photometric,
     color_jitter_batch,
+    colour_jobs,
     identity_photometric,
     sample_photometric,
 )
+from pirl.data.datasets import collate_views
 from pirl.data.jigsaw import hamming_distances
 from pirl.data.views import (
+    COLOUR_KEY,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ColourCollate,
+    DeferredColour,
     ImageView,
     JigsawView,
     RotationView,
@@ -381,3 +389,110 @@ def test_photometric_dataclass_index() -> None:
     q = p.index(torch.tensor([4, 0]))
     assert isinstance(q, Photometric) and len(q) == 2
     assert torch.equal(q.factors[0], p.factors[4]) and q.jitter_order == p.jitter_order
+
+
+# ----------------------------------------------------------- colour deferred to the batch
+def _random_jobs(v: ViewConfig, gen: torch.Generator) -> list[tuple[list[torch.Tensor],
+                                                                    Photometric]]:
+    """Views and parameters of mixed layouts: image + patches (channels-last image, as the
+    transforms make it), a single image, patches only, and jobs without jitter / grayscale."""
+    def u8(*shape: int) -> torch.Tensor:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+
+    jobs = []
+    for k in range(9):
+        image = u8(1, 3, 40, 40).contiguous(memory_format=torch.channels_last)
+        views = [[image, u8(9, 3, 12, 12)], [u8(1, 3, 40, 40)], [u8(9, 3, 12, 12)]][k % 3]
+        p = sample_photometric(sum(x.shape[0] for x in views), v, gen)
+        if k == 4:  # nothing to do but copy
+            p = identity_photometric(len(p))
+        elif k == 5:  # grayscale only
+            p = replace(identity_photometric(len(p)), grayscale=torch.ones(len(p), dtype=bool))
+        else:
+            p.grayscale[k % len(p)] = True
+        jobs.append((views, p))
+    return jobs
+
+
+def test_colour_jobs_equal_one_call_per_job() -> None:
+    """A batch of jobs (different layouts, orders, some with nothing to do) written into slices
+    of batch tensors gives bit for bit the pixels of one apply_photometric call per job."""
+    v = Config().views
+    jobs = _random_jobs(v, torch.Generator().manual_seed(11))
+    assert len({p.jitter_order for _, p in jobs}) > 3  # several orders in one batch
+    batch = [ColourJob(views, [torch.full_like(x, 7).contiguous() for x in views], p)
+             for views, p in jobs]
+    colour_jobs(batch)
+    for job, (views, p) in zip(batch, jobs, strict=True):
+        no_flip = replace(p, flip=torch.zeros(len(p), dtype=torch.bool))
+        alone = apply_photometric(views, no_flip)
+        for got, ref in zip(job.outs, alone, strict=True):
+            assert torch.equal(got, ref)
+    # The colour did something (the identity job is a copy), and the inputs are untouched.
+    assert not torch.equal(batch[0].outs[1], jobs[0][0][1])
+    assert torch.equal(batch[4].outs[0], jobs[4][0][0])
+    gray = batch[5].outs[0].int()
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+
+
+def test_colour_jobs_rejects_mismatches() -> None:
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    p = identity_photometric(2)
+    with pytest.raises(ValueError, match="parameter sets"):
+        colour_jobs([ColourJob([x], [x.clone()], identity_photometric(3))])
+    with pytest.raises(ValueError, match="output"):
+        colour_jobs([ColourJob([x], [torch.zeros(2, 3, 4, 5, dtype=torch.uint8)], p)])
+    with pytest.raises(ValueError, match="unknown colour operation"):
+        colour_jobs([ColourJob([x], [x.clone()], replace(p, jitter_order=(0, 5)))])
+
+
+@pytest.mark.parametrize(("method", "pretext"), [
+    ("pirl", "jigsaw"), ("pirl", "rotation"), ("pirl", "jigsaw+rotation"),
+    ("jigsaw", "jigsaw"), ("rotation", "jigsaw"), ("npid", "jigsaw"),
+])
+@pytest.mark.parametrize("size", [224, 64])
+def test_deferred_colour_collate_equals_per_sample(method: str, pretext: str, size: int) -> None:
+    """TrainTransform(defer_colour=True) + ColourCollate gives bit for bit the batch of the
+    per-sample transform + default_collate, seeded per sample as SeededViews does (images of
+    different sizes; every method and pretext)."""
+    cfg = _cfg(size, method=method, pretext=pretext)
+    perms = maximal_hamming_permutations(6, seed=0)
+    now = build_train_transform(cfg, perms)
+    later = build_train_transform(cfg, perms, defer_colour=True)
+    images = [_image(int(size * (1.0 + 0.3 * (i % 3))), int(size * (1.5 - 0.2 * (i % 2))),
+                     seed=i) for i in range(5)]
+    per_sample, deferred = [], []
+    for i, img in enumerate(images):
+        torch.manual_seed(100 + i)
+        per_sample.append({**now(img), "index": i})
+        torch.manual_seed(100 + i)
+        deferred.append({**later(img), "index": i})
+    assert all(isinstance(d[COLOUR_KEY], DeferredColour) for d in deferred)
+    reference = default_collate(per_sample)
+    batch = ColourCollate()(deferred)
+    assert set(batch) == set(reference)
+    for key, value in reference.items():
+        assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+    coloured = [k for k in ("image", "patches", "rotated") if k in batch]
+    assert coloured and all(batch[k].is_contiguous() for k in coloured)
+    # The deferred samples held the uncoloured crops: the collate did the colour.
+    for k in coloured:
+        raw = torch.stack([d[k].contiguous() for d in deferred])
+        assert not torch.equal(raw, batch[k]), k
+
+
+def test_colour_collate_with_collate_views_and_errors() -> None:
+    """With collate_views as the inner collate, unreadable (None) items are dropped and counted;
+    a batch mixing deferred and per-sample items is refused."""
+    cfg = _cfg(32)
+    later = build_train_transform(cfg, defer_colour=True)
+    now = build_train_transform(cfg)
+    items = [{**later(_image(40, 44, seed=i)), "index": i, "label": i % 2} for i in range(3)]
+    batch = ColourCollate(collate_views)([items[0], None, items[1], items[2], None])
+    assert batch["skipped"] == 2 and batch["index"].tolist() == [0, 1, 2]
+    assert batch["image"].shape == (3, 3, 32, 32) and batch["patches"].shape[:2] == (3, 9)
+    assert ColourCollate(collate_views)([None]) == {"skipped": 1}
+    plain = [{**now(_image(40, 44)), "index": 0}]
+    assert torch.equal(ColourCollate()(plain)["image"], default_collate(plain)["image"])
+    with pytest.raises(ValueError, match="mixes"):
+        ColourCollate()([items[0], plain[0]])

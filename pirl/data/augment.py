@@ -2,9 +2,12 @@
 
 Everything here works on uint8 ``[3,H,W]`` / ``[B,3,H,W]`` tensors so that one decoded image is
 converted once and then cropped, resized and colour-augmented without returning to PIL.  The
-colour augmentation of a whole batch of views (e.g. the 9 jigsaw patches) is a single call with
-per-item random factors: that is what makes the jigsaw pipeline fast (issue 6, target 1; see
-``benchmarks/views.py``).
+colour augmentation of many views (a sample's image view and 9 jigsaw patches) is a single call
+with per-item random factors (:func:`apply_photometric`), and the views of a whole batch of
+samples, each sample with its own parameters, are one call too (:func:`colour_jobs`, which the
+training DataLoader's collate function runs): that is what makes the jigsaw pipeline fast (issue
+6, target 1; see ``benchmarks/views.py``).  A batch gives bit for bit the pixels of one call per
+sample.
 
 Randomness comes from ``torch``'s generator (the global one unless a ``torch.Generator`` is
 passed), so DataLoader workers, which torch seeds one by one, draw different views.
@@ -12,9 +15,10 @@ passed), so DataLoader workers, which torch seeds one by one, draw different vie
 Differences from ``torchvision.transforms.ColorJitter`` (all deliberate, all small):
 
 * torchvision draws a new order of the four operations for every view; here one random order is
-  drawn per *batched* call and shared by its items (the items still get independent factors,
-  grayscale and flip).  The training transform colours a sample's image view and its 9 patches
-  in one call, so those 10 views share one order (samples differ).
+  drawn per :class:`Photometric` (a sample's views) and shared by its items (the items still get
+  independent factors, grayscale and flip).  The training transform colours a sample's image view
+  and its 9 patches together, so those 10 views share one order (samples differ, also when a batch
+  of samples is coloured in one :func:`colour_jobs` call).
 * torchvision's uint8 tensor path converts back to uint8 (truncating) after every operation; here
   the pixels stay float32 between operations and are rounded once at the end (closer to the exact
   result; differences are at most a few grey levels).
@@ -301,10 +305,28 @@ def _shift_hue(y: Tensor, mats: Tensor, half: Tensor) -> Tensor:
     return x[:, :3].addcmul_(s, z).add_(mid.mul_(0.5)).clamp_(min=mn, max=v)
 
 
+class _Block:
+    """The parameters of one block of rows as the batched operations consume them: a ``[k,1,1]``
+    view per factor, contrast's ``1 - c``, saturation's ``[k,3,3]`` matrices and the hue cases
+    (views into :class:`_RowParams`' tensors), and per operation whether it changes any row of
+    the block (``active``) and whether a factor above 1 needs a clamp after it (``clamp``)."""
+
+    __slots__ = ("fac", "keep", "sat", "hue", "active", "clamp")
+
+    def __init__(self, cols: list[list[float]], fac: list[Tensor], keep: Tensor,
+                 sat: Tensor | None, hue: tuple[Tensor, Tensor] | None) -> None:
+        self.fac, self.keep, self.sat, self.hue = fac, keep, sat, hue
+        self.active = [any(c != 1.0 for c in col) for col in cols[:3]]
+        self.active.append(hue is not None and any(c != 0.0 for c in cols[3]))
+        self.clamp = [max(col, default=1.0) > 1.0 for col in cols[:3]] + [False]
+
+
 class _RowParams:
-    """The colour parameters of K rows as the batched operations consume them: one ``[K,1,1]``
-    factor tensor per operation (sliced per block), the same as Python lists (to skip identity
-    operations and unneeded clamps without a tensor op) and the hue cases."""
+    """The colour parameters of K rows: the factors as Python lists and ``[K,1,1]`` tensors, and
+    what the operations derive from them, computed once for all rows: contrast's ``1 - c``,
+    saturation's 3 x 3 matrices and the hue cases.  :meth:`blocks` cuts them into the views
+    each block uses, a few ``split`` calls for all blocks (slicing each block's tensors one by
+    one costs ~1.4 us per view, a quarter of a small elementwise pass)."""
 
     def __init__(self, factors: list[list[float]], device: torch.device,
                  owner: list[int] | None = None) -> None:
@@ -318,55 +340,82 @@ class _RowParams:
             hue = _hue_cases(cols[3])
         if owner is not None and owner != list(range(n)):
             cols = [[col[i] for i in owner] for col in cols]
-            idx = torch.tensor(owner)
+            idx = torch.tensor(owner, dtype=torch.long)
             tensors = tensors[:, idx]
             if hue is not None:
                 hue = (hue[0][idx], hue[1][idx])
         self.lists = cols
         self.tensors = tensors.to(device).view(4, -1, 1, 1)
+        self.keep = 1.0 - self.tensors[1]  # [K,1,1]: contrast keeps (1 - c) of the mean
+        # Saturation: s y + (1 - s) luma(y) = M y with M = s I + (1 - s) [w; w; w], [K,3,3].
+        self.sat: Tensor | None = None
+        if any(s != 1.0 for s in cols[2]):
+            self.sat = torch.lerp(_GRAY_MATRIX.to(device), _EYE.to(device), self.tensors[2])
         self.hue = None if hue is None else (hue[0].to(device), hue[1].to(device))
 
-    def jitter(self, y: Tensor, a: int, b: int, bound: float, order: Sequence[int],
-               contrast_mean: Tensor | None = None) -> Tensor:
-        """Colour jitter of float rows ``y [b-a,3,Q]`` (rows ``a:b`` of the parameters) in
-        ``[0, bound]``; in place where possible (use the returned tensor, possibly a strided
-        view).  Contrast blends with the mean luma of each row, or with ``contrast_mean [b-a]``
-        when rows are pieces of larger items (:func:`apply_photometric` computes it over the
-        whole item).  An operation whose factors are all the identity here is skipped."""
-        for op in order:
-            col = self.lists[op][a:b]
-            if op == 3:
-                if self.hue is not None and any(c != 0.0 for c in col):
-                    y = _shift_hue(y, self.hue[0][a:b], self.hue[1][a:b])
-                continue
-            if op not in (0, 1, 2):
-                raise ValueError(f"unknown colour operation {op} (expected 0..3)")
-            if all(c == 1.0 for c in col):
-                continue
-            fac = self.tensors[op, a:b]  # [k,1,1]
-            if op == 0:
-                y.mul_(fac)
-            elif op == 1:
-                mean = contrast_mean
-                if mean is None:
-                    mean = torch.matmul(y.mean(dim=2), _GRAY_ROW.to(y))  # [k]
-                # c y + (1 - c) mean, in place (torch.addcmul broadcasting [k,1,1] is slower).
-                y.mul_(fac).add_(mean.view(-1, 1, 1) * (1.0 - fac))
-            else:
-                # s y + (1 - s) luma(y) = M y with M = s I + (1 - s) [w; w; w].
-                y = torch.bmm(torch.lerp(_GRAY_MATRIX.to(y), _EYE.to(y), fac), y)
-            # A factor <= 1 cannot leave the range (brightness scales down, contrast and
-            # saturation are then convex combinations of values in range).
-            if max(col) > 1.0:
-                y.clamp_(0.0, bound)
-        return y
+    def blocks(self, sizes: list[int]) -> list[_Block]:
+        """The parameters of consecutive blocks of ``sizes`` rows (summing to K)."""
+        if sum(sizes) != len(self.lists[0]):
+            raise ValueError(f"blocks of {sum(sizes)} rows for {len(self.lists[0])} rows")
+        fac = [self.tensors[op].split(sizes) for op in range(3)]
+        keep = self.keep.split(sizes)
+        sat = None if self.sat is None else self.sat.split(sizes)
+        hue = None if self.hue is None else (self.hue[0].split(sizes), self.hue[1].split(sizes))
+        out, a = [], 0
+        for i, n in enumerate(sizes):
+            out.append(_Block([col[a:a + n] for col in self.lists], [f[i] for f in fac], keep[i],
+                              None if sat is None else sat[i],
+                              None if hue is None else (hue[0][i], hue[1][i])))
+            a += n
+        return out
+
+
+def _check_order(order: Sequence[int]) -> None:
+    if any(op not in (0, 1, 2, 3) for op in order):
+        raise ValueError(f"unknown colour operation in {tuple(order)} (expected 0..3)")
+
+
+def _jitter_block(y: Tensor, blk: _Block, bound: float, order: Sequence[int],
+                  contrast_offset: Tensor | None = None) -> Tensor:
+    """Colour jitter of the float rows ``y [k,3,Q]`` of one block in ``[0, bound]``; in place
+    where possible (use the returned tensor, possibly a strided view of a new one).  Contrast
+    blends with the mean luma of each row, or adds ``contrast_offset [k,1,1]`` (``(1 - c)``
+    times the mean) when rows are pieces of larger items (:func:`colour_jobs` computes it over
+    the whole item).  An operation whose factors are all the identity in these rows is skipped,
+    and so is a clamp that no factor above 1 makes necessary."""
+    for op in order:
+        if not blk.active[op]:
+            continue
+        if op == 3:
+            assert blk.hue is not None  # active
+            y = _shift_hue(y, *blk.hue)
+            continue
+        if op == 0:
+            y.mul_(blk.fac[0])
+        elif op == 1:
+            offset = contrast_offset
+            if offset is None:
+                mean = torch.matmul(y.mean(dim=2), _GRAY_ROW.to(y))  # [k]
+                offset = mean.view(-1, 1, 1) * blk.keep
+            # c y + (1 - c) mean, in place (torch.addcmul broadcasting [k,1,1] is slower).
+            y.mul_(blk.fac[1]).add_(offset)
+        else:
+            assert blk.sat is not None  # active
+            y = torch.bmm(blk.sat, y)
+        # A factor <= 1 cannot leave the range (brightness scales down, contrast and
+        # saturation are then convex combinations of values in range).
+        if blk.clamp[op]:
+            y.clamp_(0.0, bound)
+    return y
 
 
 def _jitter(y: Tensor, bound: float, factors: list[list[float]],
             order: Sequence[int]) -> Tensor:
     """Colour jitter of float pixels ``y [K,3,Q]`` in ``[0, bound]`` with ``factors`` (K rows of
-    ``[brightness, contrast, saturation, hue]``); see :meth:`_RowParams.jitter`."""
-    return _RowParams(factors, y.device).jitter(y, 0, y.shape[0], bound, order)
+    ``[brightness, contrast, saturation, hue]``), as one block; see :func:`_jitter_block`."""
+    _check_order(order)
+    blk = _RowParams(factors, y.device).blocks([y.shape[0]])[0]
+    return _jitter_block(y, blk, bound, order)
 
 
 def color_jitter_batch(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor,
@@ -396,12 +445,14 @@ def color_jitter_batch(x: Tensor, brightness: Tensor, contrast: Tensor, saturati
     return _jitter(y, 1.0, factors, order).reshape(shape)
 
 
-# Rows and blocks in apply_photometric.  The colour operations are memory-bound and need ~60 bytes
-# of live temporaries per pixel: a block of <= 24k pixels (~1.5 MB) stays in the L2 cache through
-# all the operations, where a whole 224 x 224 view spills to L3 and runs 1.5-2x slower per pixel.
-# Smaller blocks would pay more per-call overhead (~1-2 us per torch op).
+# Rows and blocks in colour_jobs.  The colour operations are memory-bound and need ~60 bytes of
+# live temporaries per pixel: a block has to stay in the L2 cache (2 MB per core here) through
+# all the operations, and smaller blocks pay more per-call overhead (~2-3 us per torch op).  With
+# blocks' parameters cut by ``split`` (no per-block slicing), blocks of 45k pixels (2 per sample of
+# the paper preset) measured 5% faster than 24k (1.40 vs 1.48 ms per sample), 2-4% faster than
+# 41k or 90k (one block per sample) and within 1.5% of 49k / 57k.
 _ROW_MAX = 8192
-_BLOCK_PIXELS = 24576
+_BLOCK_PIXELS = 45056
 
 
 @dataclass(frozen=True)
@@ -446,113 +497,193 @@ def _row_layout(shapes: tuple[tuple[int, int, int], ...]
     return Q, K, tuple(layouts), F.one_hot(owner, len(chunk_items)).float(), pixels, owner.tolist()
 
 
-def _chunk_views(lay: _ViewLayout, rows: Tensor, img: Tensor
-                 ) -> list[tuple[Tensor, Tensor]]:
-    """Pairs (part of the rows, the matching part of ``img [B,3,H,W]``) of equal shapes that
-    together cover the batch: the complete chunks and the last, shorter one."""
+@dataclass
+class ColourJob:
+    """One unit of the batched colour augmentation: views that share one jitter order (one
+    sample's image view and its jigsaw patches, say), where their result goes, and their
+    parameters.
+
+    ``sources``: uint8 ``[n_l,3,H_l,W_l]`` tensors (planar or channels-last); ``outs``: uint8
+    tensors of the same shapes that receive the result (overwritten; any strides, e.g. slices of
+    a collated batch); ``params``: ``sum(n_l)`` parameter sets in order, one jitter order.
+    """
+
+    sources: Sequence[Tensor]
+    outs: Sequence[Tensor]
+    params: Photometric
+
+
+def _row_parts(lay: _ViewLayout, rows: Tensor) -> list[Tensor]:
+    """The parts of ``rows [K,3,Q]`` that hold the batch of ``lay``: ``[B, full, 3, r, W]`` for
+    the complete chunks and ``[B, 3, rest, W]`` for the last, shorter one (where present); see
+    :func:`_image_parts` for the matching parts of the images."""
     B, W, r, n = lay.batch, lay.width, lay.rows, lay.chunks
     R = rows[lay.start:lay.start + B * n].view(B, n, 3, -1)
     full = lay.height // r
-    pairs = []
+    parts = []
     if full:
-        pairs.append((R[:, :full, :, :r * W].unflatten(3, (r, W)),  # [B, full, 3, r, W]
-                      img[:, :, :full * r].unflatten(2, (full, r)).transpose(1, 2)))
+        parts.append(R[:, :full, :, :r * W].unflatten(3, (r, W)))
     rest = lay.height - full * r
     if rest:
-        pairs.append((R[:, full, :, :rest * W].unflatten(2, (rest, W)), img[:, :, full * r:]))
-    return pairs
+        parts.append(R[:, full, :, :rest * W].unflatten(2, (rest, W)))
+    return parts
 
 
-@overload
-def apply_photometric(x: Tensor, p: Photometric) -> Tensor: ...
-@overload
-def apply_photometric(x: Sequence[Tensor], p: Photometric) -> list[Tensor]: ...
-def apply_photometric(x: Tensor | Sequence[Tensor], p: Photometric
-                      ) -> Tensor | list[Tensor]:
-    """Flip, colour-jitter and grayscale uint8 views, each item with its own parameters, as one
-    batched, cache-blocked computation.
+def _image_parts(lay: _ViewLayout, img: Tensor) -> list[Tensor]:
+    """The parts of ``img [B,3,H,W]`` (any strides) matching :func:`_row_parts`: one
+    ``as_strided`` view each (chained slicing and reshaping would cost four)."""
+    sb, sc, sh, sw = img.stride()
+    B, W, r = lay.batch, lay.width, lay.rows
+    full = lay.height // r
+    base = img.storage_offset()
+    parts = []
+    if full:
+        parts.append(img.as_strided((B, full, 3, r, W), (sb, r * sh, sc, sh, sw), base))
+    rest = lay.height - full * r
+    if rest:
+        parts.append(img.as_strided((B, 3, rest, W), (sb, sc, sh, sw), base + full * r * sh))
+    return parts
 
-    ``x`` is a uint8 ``[B,3,H,W]`` batch or a list of such batches of different sizes (e.g. the
-    image view ``[1,3,224,224]`` and the jigsaw patches ``[9,3,64,64]``), planar or channels-last;
-    ``p`` holds one parameter set per item over all of them, in order.  Returns new contiguous
-    uint8 tensors shaped like the inputs.  Per item as in the standard pipeline: (flip,) colour
-    jitter, grayscale.  The flip is applied to the result: it commutes with every colour operation
-    (they act on each pixel, and contrast's mean does not depend on the pixel order).
 
-    How: the items are copied (and converted to float) into K rows of Q pixels: each item is cut
-    into chunks of whole image rows (:func:`_row_layout`); unused pixels are 0.  Rows are
-    processed in blocks of ~24k pixels that fit in the L2 cache.  Contrast needs each item's mean
-    luma at its place in the operation order, so the operations before contrast sweep all blocks
-    first (zero padding stays 0 through them and adds nothing to the sums), the rest in a second
-    sweep that also rounds each block to uint8.
+class _Workspace:
+    """Row buffers for jobs of one row layout, with the views every job uses (made once and
+    reused job after job, so that the buffers stay in the cache): rows ``y [K,3,Q]`` (float),
+    ``y8`` (uint8), per-row channel sums, their blocks, the row parts of each view and the
+    padding to zero, and the layout's item-mean matrices."""
+
+    def __init__(self, shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> None:
+        Q, K, layouts, onehot, pixels, owner = _row_layout(shapes)
+        self.Q, self.K, self.layouts, self.owner = Q, K, layouts, owner
+        self.y = torch.empty(K, 3, Q, dtype=torch.float32, device=device)
+        self.y8 = torch.empty(K, 3, Q, dtype=torch.uint8, device=device)
+        self.row_sums = torch.empty(K, 3, dtype=torch.float32, device=device)
+        per_block = max(1, _BLOCK_PIXELS // Q)
+        self.sizes = [min(per_block, K - a) for a in range(0, K, per_block)]
+        self.bounds = [(a, a + n) for a, n in zip(range(0, K, per_block), self.sizes,
+                                                 strict=True)]
+        self.y_blocks = self.y.split(self.sizes)
+        self.y8_blocks = self.y8.split(self.sizes)
+        self.sum_blocks = self.row_sums.split(self.sizes)
+        self.y_parts = [_row_parts(lay, self.y) for lay in layouts]
+        self.y8_parts = [_row_parts(lay, self.y8) for lay in layouts]
+        # Pixels of the rows that hold no image pixel (zeroed for every job).
+        self.padding = []
+        for lay in layouts:
+            R = self.y[lay.start:lay.start + lay.batch * lay.chunks].view(
+                lay.batch, lay.chunks, 3, Q)
+            used = lay.rows * lay.width
+            if used < Q:
+                self.padding.append(R[..., used:])
+            rest = lay.height % lay.rows
+            if rest:
+                self.padding.append(R[:, -1, :, rest * lay.width:used])
+        self.onehot = onehot.to(device)  # [K, I]
+        self.pixels = pixels.to(device)  # [I]
+        self.gray_row = _GRAY_ROW.to(device)
+
+
+_IDENTITY_LIST = [1.0, 1.0, 1.0, 0.0]
+
+
+def colour_jobs(jobs: Sequence[ColourJob]) -> None:
+    """Colour-jitter and grayscale the views of every job into its ``outs`` (no flip: see
+    :func:`flip_items_`).  Each job is computed exactly as it would be alone (the same blocks, the
+    same operations on the same values), so a batch of jobs gives bit for bit the pixels of one
+    call per job; what the batch shares is everything around the pixel work: one conversion of
+    the parameters for all jobs, and one set of row buffers and views, reused job after job while
+    they are still in the cache.
+
+    How each job is computed: its items are copied (and converted to float) into K rows of Q
+    pixels: each item is cut into chunks of whole image rows (:func:`_row_layout`); unused pixels
+    are 0.  Rows are processed in blocks of ~45k pixels that fit in the L2 cache.  Contrast needs
+    each item's mean luma at its place in the operation order, so the operations before contrast
+    sweep all blocks first (zero padding stays 0 through them and adds nothing to the sums), the
+    rest in a second sweep that also applies grayscale and rounds each block to uint8, which is
+    then copied to ``outs``.
     """
-    views = [x] if isinstance(x, Tensor) else list(x)
-    for v in views:
-        if v.dim() != 4 or v.shape[1] != 3 or v.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 [B,3,H,W] views, got {v.dtype} {list(v.shape)}")
-    total = sum(v.shape[0] for v in views)
-    if len(p) != total:
-        raise ValueError(f"{len(p)} photometric parameter sets for {total} views")
-    flips, grays, fl = p.flip.tolist(), p.grayscale.tolist(), p.factors.tolist()
-    jitter = any(f != [1.0, 1.0, 1.0, 0.0] for f in fl)
-    if not jitter and not any(grays):
-        starts = [0]
-        for v in views:
-            starts.append(starts[-1] + v.shape[0])
-        outs = [_flip_items(v, flips[a:b]).contiguous()
-                for v, a, b in zip(views, starts[:-1], starts[1:], strict=True)]
-        return outs[0] if isinstance(x, Tensor) else outs
-    outs = _colour(views, fl if jitter else None, grays, p.jitter_order)
+    if not jobs:
+        return
+    shapes: list[tuple[tuple[int, int, int], ...]] = []
+    for job in jobs:
+        n = 0
+        if len(job.sources) != len(job.outs):
+            raise ValueError(f"{len(job.sources)} sources but {len(job.outs)} outputs")
+        for v, o in zip(job.sources, job.outs, strict=True):
+            if v.dim() != 4 or v.shape[1] != 3 or v.dtype != torch.uint8:
+                raise ValueError(f"expected uint8 [B,3,H,W] views, got {v.dtype} "
+                                 f"{list(v.shape)}")
+            if o.shape != v.shape or o.dtype != torch.uint8:
+                raise ValueError(f"output {o.dtype} {list(o.shape)} for a view "
+                                 f"{list(v.shape)}")
+            n += v.shape[0]
+        if len(job.params) != n:
+            raise ValueError(f"{len(job.params)} photometric parameter sets for {n} views")
+        _check_order(job.params.jitter_order)
+        shapes.append(tuple((v.shape[0], v.shape[2], v.shape[3]) for v in job.sources))
+    device = jobs[0].sources[0].device
+    # One conversion to Python lists for all jobs (a .tolist() per job costs more than its rows).
+    factors = torch.cat([job.params.factors for job in jobs]).tolist()
+    grays = torch.cat([job.params.grayscale for job in jobs]).tolist()
+    spaces: dict[tuple[tuple[int, int, int], ...], _Workspace] = {}
+    plans: list[tuple[_Workspace, int, int, bool] | None] = []  # (rows, first item, jitter)
+    owner: list[int] = []  # the item of every row, over all jobs
+    sizes: list[int] = []  # the blocks of rows, over all jobs
     item = 0
-    for out in outs:
-        for i in range(out.shape[0]):
-            if flips[item]:
-                out[i] = out[i].flip(-1)
-            item += 1
-    return outs[0] if isinstance(x, Tensor) else outs
+    for job, shape in zip(jobs, shapes, strict=True):
+        n = len(job.params)
+        jitter = any(f != _IDENTITY_LIST for f in factors[item:item + n])
+        if jitter or any(grays[item:item + n]):
+            if shape not in spaces:
+                spaces[shape] = _Workspace(shape, device)
+            space = spaces[shape]
+            plans.append((space, len(sizes), item, jitter))
+            owner.extend(item + i for i in space.owner)
+            sizes.extend(space.sizes)
+        else:
+            plans.append(None)
+        item += n
+    blocks = _RowParams(factors, device, owner).blocks(sizes) if owner else []
+    for job, plan in zip(jobs, plans, strict=True):
+        if plan is None:  # nothing but (later) flips
+            for v, o in zip(job.sources, job.outs, strict=True):
+                o.copy_(v)
+            continue
+        space, b0, item0, jitter = plan
+        _colour_job(job, space, blocks[b0:b0 + len(space.sizes)], item0, jitter, grays)
 
 
-def _colour(views: list[Tensor], fl: list[list[float]] | None, grays: list[bool],
-            order: Sequence[int]) -> list[Tensor]:
-    """The colour part of :func:`apply_photometric` (``fl`` None: grayscale only); returns new
-    contiguous uint8 tensors (which the caller may modify)."""
-    device = views[0].device
-    Q, K, layouts, onehot, pixels, owner = _row_layout(
-        tuple((v.shape[0], v.shape[2], v.shape[3]) for v in views))
-    y = torch.empty(K, 3, Q, dtype=torch.float32, device=device)
-    for v, lay in zip(views, layouts, strict=True):
-        for rows_part, img_part in _chunk_views(lay, y, v):
+def _colour_job(job: ColourJob, space: _Workspace, blocks: list[_Block], item0: int,
+                jitter: bool, grays: list[bool]) -> None:
+    """One job of :func:`colour_jobs` in ``space``'s buffers: ``blocks`` are its rows'
+    parameters, ``grays[item0 + i]`` whether its item i ends grayscale."""
+    K = space.K
+    for v, lay, parts in zip(job.sources, space.layouts, space.y_parts, strict=True):
+        for rows_part, img_part in zip(parts, _image_parts(lay, v), strict=True):
             rows_part.copy_(img_part)
-        # Zero the pixels of the rows that hold no image pixel.
-        R = y[lay.start:lay.start + lay.batch * lay.chunks].view(lay.batch, lay.chunks, 3, Q)
-        used = lay.rows * lay.width
-        if used < Q:
-            R[..., used:].zero_()
-        rest = lay.height % lay.rows
-        if rest:
-            R[:, -1, :, rest * lay.width:used].zero_()
-    row_gray = [grays[i] for i in owner]
-    ops = list(order) if fl is not None else []
-    params = _RowParams(fl if fl is not None else [], device, owner if fl is not None else None)
-    stages = [ops[:ops.index(1)], ops[ops.index(1):]] if 1 in ops else [ops]
-    per_block = max(1, _BLOCK_PIXELS // Q)
-    blocks = [(a, min(a + per_block, K)) for a in range(0, K, per_block)]
-    y8 = torch.empty(K, 3, Q, dtype=torch.uint8, device=device)
-    row_luma = torch.empty(K, dtype=torch.float32, device=device)
-    gray_row = _GRAY_ROW.to(y)
-    mean_rows: Tensor | None = None
+    for pad in space.padding:
+        pad.zero_()
+    ops = list(job.params.jitter_order) if jitter else []
+    # Contrast that changes some row needs the item means: the operations before it first.
+    split = 1 in ops and any(blk.active[1] for blk in blocks)
+    stages = [ops[:ops.index(1)], ops[ops.index(1):]] if split else [ops]
+    parts = list(space.y_blocks)
+    row_gray = [grays[item0 + i] for i in space.owner]
+    offsets: Sequence[Tensor | None] = [None] * len(blocks)
     for si, stage in enumerate(stages):
         last = si == len(stages) - 1
         if si == 1:
-            oh, px = onehot.to(y), pixels.to(y)
-            mean_rows = torch.mv(oh, torch.matmul(row_luma, oh) / px)  # [K] item means
-        for a, b in blocks:
-            yb = params.jitter(y[a:b], a, b, 255.0, stage,
-                               None if mean_rows is None else mean_rows[a:b])
+            # Each item's mean luma (the rows' sums, added up per item), then contrast's
+            # (1 - c) * mean for each of its rows.
+            luma = torch.mv(space.row_sums, space.gray_row)  # [K]
+            item_mean = torch.matmul(luma, space.onehot) / space.pixels  # [I]
+            offset = torch.mv(space.onehot, item_mean).view(K, 1, 1)
+            offsets = [off.mul_(blk.keep)
+                       for off, blk in zip(offset.split(space.sizes), blocks, strict=True)]
+        for bi, ((a, b), blk) in enumerate(zip(space.bounds, blocks, strict=True)):
+            yb = _jitter_block(parts[bi], blk, 255.0, stage, offsets[bi])
             if not last:
-                row_luma[a:b] = torch.matmul(yb.sum(dim=2), gray_row)
-                if yb.data_ptr() != y[a:b].data_ptr() or yb.stride() != y[a:b].stride():
-                    y[a:b] = yb
+                torch.sum(yb, dim=2, out=space.sum_blocks[bi])
+                parts[bi] = yb  # possibly a new tensor (saturation, hue): no copy back
                 continue
             i = a
             while i < b:  # runs of grayscale rows: every channel = the row's luma
@@ -563,24 +694,48 @@ def _colour(views: list[Tensor], fl: list[list[float]] | None, grays: list[bool]
                 while j < b and row_gray[j]:
                     j += 1
                 run = yb[i - a:j - a]
-                run.copy_(torch.matmul(gray_row, run).unsqueeze(1).expand_as(run))
+                run.copy_(torch.matmul(space.gray_row, run).unsqueeze(1).expand_as(run))
                 i = j
-            _round_to_uint8(yb, y8[a:b])
-    outs = []
-    for v, lay in zip(views, layouts, strict=True):
-        out = torch.empty(v.shape, dtype=torch.uint8, device=device)
-        for rows_part, img_part in _chunk_views(lay, y8, out):
+            _round_to_uint8(yb, space.y8_blocks[bi])
+    for out, lay, parts8 in zip(job.outs, space.layouts, space.y8_parts, strict=True):
+        for rows_part, img_part in zip(parts8, _image_parts(lay, out), strict=True):
             img_part.copy_(rows_part)
-        outs.append(out)
-    return outs
 
 
-def _flip_items(v: Tensor, flips: list[bool]) -> Tensor:
-    """Horizontally flip the items of ``v [B,3,H,W]`` marked in ``flips`` (a copy if any)."""
-    if not any(flips):
-        return v
-    v = v.clone()
+def flip_items_(v: Tensor, flips: Sequence[bool]) -> Tensor:
+    """Horizontally flip, in place, the items of ``v [N,3,H,W]`` marked in ``flips``; returns
+    ``v``.  Item by item: a gather / flip / scatter of all of them at once (advanced indexing)
+    costs 3x more on uint8."""
+    if len(flips) != v.shape[0]:
+        raise ValueError(f"{len(flips)} flip flags for {v.shape[0]} items")
     for i, f in enumerate(flips):
         if f:
             v[i] = v[i].flip(-1)
     return v
+
+
+@overload
+def apply_photometric(x: Tensor, p: Photometric) -> Tensor: ...
+@overload
+def apply_photometric(x: Sequence[Tensor], p: Photometric) -> list[Tensor]: ...
+def apply_photometric(x: Tensor | Sequence[Tensor], p: Photometric
+                      ) -> Tensor | list[Tensor]:
+    """Flip, colour-jitter and grayscale uint8 views, each item with its own parameters, as one
+    batched, cache-blocked computation (:func:`colour_jobs` with one job, then the flips).
+
+    ``x`` is a uint8 ``[B,3,H,W]`` batch or a list of such batches of different sizes (e.g. the
+    image view ``[1,3,224,224]`` and the jigsaw patches ``[9,3,64,64]``), planar or channels-last;
+    ``p`` holds one parameter set per item over all of them, in order.  Returns new contiguous
+    uint8 tensors shaped like the inputs.  Per item as in the standard pipeline: (flip,) colour
+    jitter, grayscale.  The flip is applied to the result: it commutes with every colour operation
+    (they act on each pixel, and contrast's mean does not depend on the pixel order).
+    """
+    views = [x] if isinstance(x, Tensor) else list(x)
+    outs = [torch.empty(v.shape, dtype=torch.uint8, device=v.device) for v in views]
+    colour_jobs([ColourJob(views, outs, p)])
+    flips = p.flip.tolist()
+    start = 0
+    for out in outs:
+        flip_items_(out, flips[start:start + out.shape[0]])
+        start += out.shape[0]
+    return outs[0] if isinstance(x, Tensor) else outs

@@ -11,6 +11,12 @@ float); :func:`normalize` turns them into ImageNet-normalised floats on whatever
 Each transform converts a decoded PIL image to a uint8 tensor once and does all crops, resizes and
 colour operations on tensors; see :mod:`pirl.data.augment` for the batched colour jitter and its
 (small, documented) differences from torchvision's ``ColorJitter``.
+
+Training defers the colour to the batch: ``TrainTransform(defer_colour=True)`` (in the DataLoader
+workers, seeded per sample) returns the geometric crops and the photometric parameters it drew, and
+:class:`ColourCollate` (the DataLoader's ``collate_fn``, also run in the workers) colours every view
+of the batch in one :func:`pirl.data.augment.colour_jobs` call.  The pixels are bit for bit those
+of the per-sample path (``defer_colour=False``) for the same draws.
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import default_collate, get_worker_info
 
 from pirl.config import Config, ViewConfig
 from pirl.data.augment import (
+    ColourJob,
     ImageLike,
     Photometric,
     apply_photometric,
+    colour_jobs,
+    flip_items_,
     resize,
     resized_crop,
     sample_crop_box,
@@ -40,7 +50,8 @@ from pirl.data.jigsaw import JigsawParams, JigsawView, maximal_hamming_permutati
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "ImageView", "ImageParams", "JigsawView",
     "JigsawParams", "RotationView", "maximal_hamming_permutations", "build_train_transform",
-    "build_eval_transform", "TrainTransform", "EvalTransform", "show_views",
+    "build_eval_transform", "TrainTransform", "EvalTransform", "show_views", "COLOUR_KEY",
+    "DeferredColour", "ColourCollate", "colour_batch",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -84,15 +95,22 @@ class ImageView:
 
     def __call__(self, img: ImageLike, return_params: bool = False
                  ) -> Tensor | tuple[Tensor, ImageParams]:
-        view, params = self.crop(img)
-        if self.photometric:
-            params.photometric = sample_photometric(1, self.cfg, self.generator)
+        view, params = self.draw(img)
+        if params.photometric is not None:
             view = apply_photometric(view[None], params.photometric)[0]
         else:
             view = view.contiguous()
         if return_params:
             return view, params
         return view
+
+    def draw(self, img: ImageLike) -> tuple[Tensor, ImageParams]:
+        """Everything random, nothing coloured yet: the crop (as :meth:`crop`) and, when
+        photometric, the parameters of its colour augmentation."""
+        view, params = self.crop(img)
+        if self.photometric:
+            params.photometric = sample_photometric(1, self.cfg, self.generator)
+        return view, params
 
     def crop(self, img: ImageLike) -> tuple[Tensor, ImageParams]:
         """The geometric part alone: the random resized crop ``[3,S,S]`` uint8 (possibly
@@ -105,7 +123,10 @@ class ImageView:
 
 class RotationView:
     """A standard-augmented image view rotated by ``90 * r`` degrees counter-clockwise
-    (``torch.rot90``), r uniform in 0..3: ``__call__(img) -> (uint8 [3,S,S], r)``."""
+    (``torch.rot90``), r uniform in 0..3: ``__call__(img) -> (uint8 [3,S,S], r)``.
+
+    The crop is rotated before its colour augmentation (colour acts on each pixel and commutes
+    with the rotation), so that the rotated crop can wait for a batched colour call."""
 
     def __init__(self, cfg: ViewConfig, photometric: bool = True,
                  generator: torch.Generator | None = None) -> None:
@@ -113,10 +134,35 @@ class RotationView:
         self.generator = generator
 
     def __call__(self, img: ImageLike) -> tuple[Tensor, int]:
-        view = self.image_view(img)
-        assert isinstance(view, Tensor)
+        view, photometric, r = self.draw(img)
+        if photometric is not None:
+            return apply_photometric(view[None], photometric)[0], r
+        return view.contiguous(), r
+
+    def draw(self, img: ImageLike) -> tuple[Tensor, Photometric | None, int]:
+        """Everything random, nothing coloured yet: the rotated crop uint8 ``[3,S,S]`` (any
+        strides), its photometric parameters (None when off) and r."""
+        view, params = self.image_view.draw(img)
         r = int(torch.randint(4, (1,), generator=self.generator))
-        return torch.rot90(view, r, dims=(1, 2)).contiguous(), r
+        return torch.rot90(view, r, dims=(1, 2)), params.photometric, r
+
+
+# The key under which TrainTransform(defer_colour=True) leaves the colour still to be done.
+COLOUR_KEY = "deferred_colour"
+
+
+@dataclass
+class DeferredColour:
+    """The colour augmentation one training sample still needs: one ``(keys, parameters)`` pair
+    per job.  A job's items are those of its keys' tensors in order (an ``[n,3,H,W]`` tensor is
+    n items, a ``[3,H,W]`` one a single item) and share the parameters' jitter order."""
+
+    jobs: list[tuple[tuple[str, ...], Photometric]]
+
+
+def _items(x: Tensor) -> Tensor:
+    """A view as ``[n,3,H,W]`` items (a single ``[3,H,W]`` view is one item)."""
+    return x if x.dim() == 4 else x.unsqueeze(0)
 
 
 class TrainTransform:
@@ -133,15 +179,22 @@ class TrainTransform:
     | rotation (baseline)     | rotated [3,S,S], rotation ()                               |
     | npid                    | image [3,S,S]                                              |
 
+    With ``defer_colour=True`` the views are the geometric crops only (uint8, any strides) and
+    the sample also holds ``COLOUR_KEY``: a :class:`DeferredColour` with the photometric
+    parameters drawn for them; :class:`ColourCollate` applies them to the whole batch.  The
+    random numbers are drawn in the same order either way, so a seeded sample gets the same
+    pixels in both modes.
+
     Picklable (DataLoader workers); randomness from torch's global generator unless one is given.
     """
 
     def __init__(self, cfg: Config, permutations: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, defer_colour: bool = False) -> None:
         v, o = cfg.views, cfg.objective
         self.views = v
         self.method, self.pretext = o.method, o.pretext
         self.generator = generator
+        self.defer_colour = defer_colour
         self.image_view = ImageView(v, generator=generator)
         self.jigsaw_view: JigsawView | None = None
         self.rotation_view: RotationView | None = None
@@ -167,41 +220,127 @@ class TrainTransform:
         elif self.method != "npid":
             raise ValueError(f"objective.method={self.method!r}: no views for this method")
 
-    def __call__(self, img: ImageLike) -> dict[str, Tensor]:
-        x = to_uint8_tensor(img)  # decode-to-tensor once, shared by every view of the sample
-        out: dict[str, Tensor] = {}
-        if self.method == "npid" or (self.method == "pirl" and self.jigsaw_view is None):
-            image = self.image_view(x)
-            assert isinstance(image, Tensor)
-            out["image"] = image
-        if self.method == "jigsaw":
-            assert self.jigsaw_view is not None and self.permutations is not None
-            cells, _ = self.jigsaw_view(x)[:2]
-            label = int(torch.randint(len(self.permutations), (1,), generator=self.generator))
-            out["patches"] = cells[self.permutations[label]]  # k-th patch = cell perm[k]
-            out["perm_label"] = torch.tensor(label, dtype=torch.long)
-        elif self.jigsaw_view is not None:
-            # The fast path: crops first, then the colour augmentation of the image view and
-            # its P patches, each with its own parameters, in one batched call.
-            view, _ = self.image_view.crop(x)
-            patches, _ = self.jigsaw_view.cut(x)
-            photo = sample_photometric(1 + len(patches), self.views, self.generator)
-            image, patches = apply_photometric([view[None], patches], photo)
-            out["image"], out["patches"] = image[0], patches
-        if self.rotation_view is not None:
-            rotated, r = self.rotation_view(x)
-            out["rotated"] = rotated
-            if self.method == "rotation":
-                out["rotation"] = torch.tensor(r, dtype=torch.long)
+    def __call__(self, img: ImageLike) -> dict[str, Any]:
+        out, jobs = self.draw(img)
+        if self.defer_colour:
+            return {**out, COLOUR_KEY: DeferredColour(jobs)}
+        for keys, photometric in jobs:
+            coloured = apply_photometric([_items(out[k]) for k in keys], photometric)
+            for k, c in zip(keys, coloured, strict=True):
+                out[k] = c.view(out[k].shape)
         return out
 
+    def draw(self, img: ImageLike
+             ) -> tuple[dict[str, Tensor], list[tuple[tuple[str, ...], Photometric]]]:
+        """Everything random for one sample, nothing coloured yet: the sample's keys with the
+        geometric crops (uint8, any strides) and the colour jobs ``(keys, parameters)``."""
+        x = to_uint8_tensor(img)  # decode-to-tensor once, shared by every view of the sample
+        out: dict[str, Tensor] = {}
+        jobs: list[tuple[tuple[str, ...], Photometric]] = []
+        if self.method == "npid" or (self.method == "pirl" and self.jigsaw_view is None):
+            view, params = self.image_view.draw(x)
+            assert params.photometric is not None
+            out["image"] = view
+            jobs.append((("image",), params.photometric))
+        if self.method == "jigsaw":
+            assert self.jigsaw_view is not None and self.permutations is not None
+            cells, jig = self.jigsaw_view.draw(x)
+            assert jig.photometric is not None
+            label = int(torch.randint(len(self.permutations), (1,), generator=self.generator))
+            perm = self.permutations[label]
+            out["patches"] = cells[perm]  # k-th patch = cell perm[k], with that cell's colour
+            out["perm_label"] = torch.tensor(label, dtype=torch.long)
+            jobs.append((("patches",), jig.photometric.index(perm)))
+        elif self.jigsaw_view is not None:
+            # Crops first; the image view and its P patches, each with its own parameters,
+            # then share one batched colour call.
+            view, _ = self.image_view.crop(x)
+            patches, _ = self.jigsaw_view.cut(x)
+            out["image"], out["patches"] = view, patches
+            jobs.append((("image", "patches"),
+                         sample_photometric(1 + len(patches), self.views, self.generator)))
+        if self.rotation_view is not None:
+            rotated, photometric, r = self.rotation_view.draw(x)
+            assert photometric is not None
+            out["rotated"] = rotated
+            jobs.append((("rotated",), photometric))
+            if self.method == "rotation":
+                out["rotation"] = torch.tensor(r, dtype=torch.long)
+        return out, jobs
 
-def build_train_transform(cfg: Config, permutations: Tensor | None = None
-                          ) -> Callable[[ImageLike], dict[str, Tensor]]:
+
+def build_train_transform(cfg: Config, permutations: Tensor | None = None,
+                          defer_colour: bool = False) -> TrainTransform:
     """The training transform for ``cfg`` (keys in :class:`TrainTransform`).  For the jigsaw
     baseline ``permutations`` (Long ``[n, P]``) is the permutation set; when None the set is
-    ``maximal_hamming_permutations(objective.num_permutations, views.grid, seed=0)``."""
-    return TrainTransform(cfg, permutations)
+    ``maximal_hamming_permutations(objective.num_permutations, views.grid, seed=0)``.  With
+    ``defer_colour`` the colour is left to :class:`ColourCollate` (the training DataLoader)."""
+    return TrainTransform(cfg, permutations, defer_colour=defer_colour)
+
+
+def _batch_tensor(like: Tensor, batch: int) -> Tensor:
+    """An uninitialised ``[batch, *like.shape]`` tensor of ``like``'s dtype; in a DataLoader
+    worker in shared memory, as ``default_collate`` does, so that sending the batch to the main
+    process does not copy it once more."""
+    if get_worker_info() is not None:
+        storage = like._typed_storage()._new_shared(batch * like.numel(), device=like.device)
+        return like.new(storage).resize_(batch, *like.shape)
+    return torch.empty((batch, *like.shape), dtype=like.dtype, device=like.device)
+
+
+def colour_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+    """Apply the deferred colour of ``samples`` (from ``TrainTransform(defer_colour=True)``, all
+    of one transform) in one :func:`pirl.data.augment.colour_jobs` call.
+
+    Returns ``{key: uint8 [B, *shape]}`` for every coloured key, contiguous, sample i at index i:
+    bit for bit what ``defer_colour=False`` gives each sample.  The results are written straight
+    into the batch tensors (no stacking copy)."""
+    if not samples:
+        raise ValueError("colour_batch: no samples")
+    structure = [keys for keys, _ in samples[0][COLOUR_KEY].jobs]
+    outs = {k: _batch_tensor(samples[0][k], len(samples)) for keys in structure for k in keys}
+    jobs: list[ColourJob] = []
+    for i, sample in enumerate(samples):
+        deferred = sample[COLOUR_KEY]
+        if [keys for keys, _ in deferred.jobs] != structure:
+            raise ValueError(f"sample {i} has colour jobs {[k for k, _ in deferred.jobs]}, "
+                             f"sample 0 {structure}: one transform per batch")
+        for keys, photometric in deferred.jobs:
+            jobs.append(ColourJob([_items(sample[k]) for k in keys],
+                                  [_items(outs[k][i]) for k in keys], photometric))
+    colour_jobs(jobs)
+    flips = torch.cat([job.params.flip for job in jobs]).tolist()
+    start = 0
+    for job in jobs:
+        for out in job.outs:
+            flip_items_(out, flips[start:start + out.shape[0]])
+            start += out.shape[0]
+    return outs
+
+
+class ColourCollate:
+    """DataLoader ``collate_fn`` for ``TrainTransform(defer_colour=True)`` samples: the colour
+    of every view of the batch in one call (:func:`colour_batch`), everything else (indices,
+    labels, ``skipped`` counts, ...) by ``inner`` (default: torch's ``default_collate``;
+    :func:`pirl.data.datasets.collate_views` to drop unreadable ``None`` items).  Samples without
+    deferred colour go to ``inner`` unchanged.  Picklable; runs in the DataLoader workers."""
+
+    def __init__(self, inner: Callable[[list[Any]], Any] = default_collate) -> None:
+        self.inner = inner
+
+    def __call__(self, batch: list[dict[str, Any] | None]) -> Any:
+        deferred = [b for b in batch if b is not None and COLOUR_KEY in b]
+        if not deferred:
+            return self.inner(batch)
+        if len(deferred) != sum(b is not None for b in batch):
+            raise ValueError("a batch mixes samples with and without deferred colour")
+        coloured = colour_batch(deferred)
+        rest = [None if b is None else
+                {k: v for k, v in b.items() if k != COLOUR_KEY and k not in coloured}
+                for b in batch]
+        out = self.inner(rest)
+        out.update(coloured)
+        return out
 
 
 class EvalTransform:
