@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import pirl.data.synthetic as synthetic
 from pirl.data import (
     BadImageError,
     SyntheticSource,
@@ -371,6 +372,28 @@ def test_synthetic_class_changes_only_the_shape() -> None:
     for a in range(10):
         for b in range(a + 1, 10):
             assert (imgs[a] != imgs[b]).any()
+
+
+def test_synthetic_shape_keeps_a_luminance_gap() -> None:
+    """The shape's colour differs from the background's mean luminance by more than the style's
+    gap for any background (mid-grey included, where the random draws often miss and the
+    fallback pushes the colour to black or white), so a grayscale view still shows the outline."""
+    luma = np.array([0.299, 0.587, 0.114])
+    rng = np.random.default_rng(0)
+    backgrounds = [np.full(3, v) for v in (0.0, 100.0, 127.5, 128.0, 160.0, 255.0)]
+    backgrounds += list(rng.uniform(0, 255, (200, 3)))
+    for bg in backgrounds:
+        for gap in (20.0, 80.0, 120.0):
+            c = synthetic._luma_contrasting_colour(rng, bg, gap)
+            assert ((c >= 0) & (c <= 255)).all()
+            assert abs(c @ luma - bg @ luma) > gap, (bg, gap, c)
+    # on rendered images: the shape's pixels (where the class changes the image) are far from
+    # the background's in grayscale
+    imgs = [np.asarray(render(c, np.random.default_rng(11), 40), dtype=np.float64)
+            for c in (0, 1)]
+    gray = [i @ luma for i in imgs]
+    diff = np.abs(gray[0] - gray[1])
+    assert np.median(diff[diff > 0]) > 40
 
 
 def test_synthetic_colour_statistics_do_not_predict_the_class() -> None:

@@ -3,25 +3,33 @@
 Ten classes that differ only in *what is depicted* (the shape's outline); everything else is a
 nuisance drawn independently of the class:
 
-* foreground colour: any colour far enough from the background's mean to stay visible;
+* colour: the background's and the shape's colours are random; the shape differs from the
+  background's mean in luminance (by at least :attr:`Style.min_luma_gap` grey levels), so the
+  outline stays visible in a grayscale copy;
 * background: a solid colour, a linear gradient, smooth blotches, or per-pixel speckle noise;
-* pose: position, size (radius 25-42 % of the side), any rotation, and a slight stretch;
+* pose: position, size (radius 32-45 % of the side), any rotation, and a slight stretch;
 * clutter: half of the images get a small distractor (a blob or a thin line) behind the shape;
 * sensor noise: mild Gaussian noise on some images.
 
 Because colour and background statistics carry no class information, a representation that
 separates the classes must encode shape; a randomly initialised network mostly encodes colour and
-layout.  That gap is what ``pirl demo`` measures with kNN.
+layout.  That gap is what ``pirl demo`` measures with kNN.  The luminance gap matters for
+learning (``benchmarks/demo_search.py``, docs/demo.md): with colour-only contrast a grayscale or
+strongly colour-jittered view can lose the outline, and PIRL trained with the colour
+augmentation that makes it ignore colour barely beat random init.
 
 Image ``i`` is a pure function of ``(seed, split, i, size)`` (its own ``numpy`` generator seeded
 from those), so any subset, worker or order gives the same pixels; train and val draw from
 different seed streams.  Label ``i`` is ``i % 10`` (balanced to within one image).  Images are
 drawn lazily in :meth:`SyntheticSource.load` (~0.3 ms each at 40 px): nothing is cached.
+:data:`STYLE` holds the nuisance ranges (the benchmarks swap in other :class:`Style` values to
+measure what the dataset's design does to the demo).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -72,14 +80,45 @@ SHAPES: list[list[tuple[Poly, int]]] = [
 assert len(SHAPES) == len(CLASSES)
 
 
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights, as PIL's and torchvision's grayscale
+
+
+@dataclass(frozen=True)
+class Style:
+    """Nuisance ranges of the synthetic images (the defaults are the shipped dataset).
+
+    Attributes:
+        radius: the shape's radius, as a fraction of the side, drawn uniformly from this range.
+        max_rotation: the angle is drawn uniformly from ``[-max_rotation, max_rotation]`` radians.
+        backgrounds: which background kinds may be drawn (0 solid, 1 gradient, 2 blotches,
+            3 speckle), uniformly.
+        clutter: probability of a distractor behind the shape.
+        noise: probability of mild Gaussian sensor noise.
+        min_luma_gap: least luminance difference (0-255) between the shape and the background's
+            mean; 0 means the older rule (RGB distance above 110, any luminance).
+    """
+
+    radius: tuple[float, float] = (0.32, 0.45)
+    max_rotation: float = 2 * math.pi
+    backgrounds: tuple[int, ...] = (0, 1, 2, 3)
+    clutter: float = 0.5
+    noise: float = 0.5
+    min_luma_gap: float = 80.0
+
+
+STYLE = Style()
+
+
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0, 255, 3)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """float32 [size, size, 3] in [0, 255]: solid, gradient, blotches or speckle."""
+def _background(rng: np.random.Generator, size: int, kinds: tuple[int, ...] = (0, 1, 2, 3)
+                ) -> np.ndarray:
+    """float32 [size, size, 3] in [0, 255]: solid, gradient, blotches or speckle (one of
+    ``kinds``, uniformly)."""
     c1 = _random_colour(rng)
-    kind = int(rng.integers(4))
+    kind = kinds[int(rng.integers(len(kinds)))]
     if kind == 0:  # solid
         bg = np.broadcast_to(c1, (size, size, 3))
     elif kind == 1:  # linear gradient in a random direction
@@ -105,6 +144,23 @@ def _contrasting_colour(rng: np.random.Generator, against: np.ndarray) -> np.nda
         if np.linalg.norm(c - against) > 110:
             return c
     return 255.0 - against
+
+
+def _luma_contrasting_colour(rng: np.random.Generator, against: np.ndarray, gap: float
+                             ) -> np.ndarray:
+    """A random colour whose luminance differs from ``against``'s by more than ``gap``; if 64
+    draws miss (``against`` mid-grey and a large gap), the last draw pushed to black or white."""
+    target = float(against @ LUMA)
+    for _ in range(64):
+        c = _random_colour(rng)
+        if abs(float(c @ LUMA) - target) > gap:
+            return c
+    # Scale the colour towards black or white: luminance is linear in RGB, so this reaches the
+    # gap whenever the far end (0 or 255) is more than ``gap`` away, which holds for gap < 127.5.
+    if target > 127.5:
+        return c * max(0.0, (target - gap - 1) / max(float(c @ LUMA), 1e-6))
+    lum = float(c @ LUMA)
+    return 255.0 - (255.0 - c) * max(0.0, (255.0 - target - gap - 1) / max(255.0 - lum, 1e-6))
 
 
 def _mask(polys: list[tuple[Poly, int]], size: int, centre: np.ndarray, radius: float,
@@ -141,20 +197,26 @@ def _distractor(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.asarray(canvas.reduce(_SUPERSAMPLE), dtype=np.float32) / 255.0
 
 
-def render(label: int, rng: np.random.Generator, size: int = 40) -> Image.Image:
-    """One image of class ``label`` with every nuisance drawn from ``rng``.  RGB, size x size."""
-    img = _background(rng, size)
-    if rng.random() < 0.5:
+def render(label: int, rng: np.random.Generator, size: int = 40, style: Style | None = None
+           ) -> Image.Image:
+    """One image of class ``label`` with every nuisance drawn from ``rng`` within ``style``
+    (default :data:`STYLE`, looked up at call time).  RGB, size x size."""
+    st = STYLE if style is None else style
+    img = _background(rng, size, st.backgrounds)
+    if rng.random() < st.clutter:
         m = _distractor(rng, size)[..., None]
         img = img * (1 - m) + _random_colour(rng) * m
-    radius = rng.uniform(0.25, 0.42) * size
+    radius = rng.uniform(*st.radius) * size
     margin = 0.85 * radius  # the shape may touch the border, but most of it stays inside
     centre = rng.uniform(margin, size - margin, 2)
-    m = _mask(SHAPES[label], size, centre, radius, angle=rng.uniform(0, 2 * math.pi),
+    m = _mask(SHAPES[label], size, centre, radius,
+              angle=rng.uniform(-st.max_rotation, st.max_rotation),
               stretch=math.exp(rng.uniform(-0.15, 0.15)))[..., None]
-    fg = _contrasting_colour(rng, img.reshape(-1, 3).mean(0))
+    mean = img.reshape(-1, 3).mean(0)
+    fg = (_luma_contrasting_colour(rng, mean, st.min_luma_gap) if st.min_luma_gap > 0
+          else _contrasting_colour(rng, mean))
     img = img * (1 - m) + fg * m
-    if rng.random() < 0.5:
+    if rng.random() < st.noise:
         img = img + rng.normal(0, rng.uniform(2, 10), img.shape)
     return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
 
