@@ -195,7 +195,7 @@ def _preset_overrides() -> dict[str, dict[str, Any]]:
             **view_preset(32), "arch": "resnet18", "image_scale_min": 0.5, "epochs": 12,
             "batch_size": 32, "num_negatives": 1024, "warmup_epochs": 0.5, "workers": 1,
             "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.5,
-            "grayscale_prob": 0.2, "log_every": 10, "knn_k": 20,
+            "grayscale_prob": 0.2, "log_every": 10, "knn_k": 20, "knn_every": 2,
         },
     }
 

@@ -35,7 +35,7 @@ def run_demo(out: Path, device: str | None = None, epochs: int | None = None,
     C.apply_overrides(cfg, overrides or [])
     C.validate(cfg)
     start = time.perf_counter()
-    result = pretrain(cfg, TRAIN, out, device=device)
+    result = pretrain(cfg, TRAIN, out, val_data=VAL, device=device)  # kNN curve in the plot
     train_s = time.perf_counter() - start
     if result.stopped:  # a stop signal: the trunk is half-trained, so no comparison is printed
         print(result.summary())

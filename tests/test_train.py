@@ -100,3 +100,20 @@ def test_cli_errors_exit_2_before_work(tmp_path: Path, capsys: pytest.CaptureFix
                  "--out", str(tmp_path), "num_negatives=5000"]) == 2
     assert "num_negatives=5000: must be below the number of images" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_knn_monitor_does_not_change_the_run(tiny_imagefolder: Path, tmp_path: Path) -> None:
+    """A run with --val-data trains exactly as one without (pirl demo logs a kNN curve and its
+    numbers must not depend on it): the monitor's DataLoaders draw from torch's global RNG,
+    which the training must not depend on (views, order and negatives have their own seeds)."""
+    cfg = tiny_cfg(epochs=2, knn_every=1, knn_k=5)
+    plain = pretrain(cfg, str(tiny_imagefolder), tmp_path / "plain")
+    watched = pretrain(cfg, str(tiny_imagefolder), tmp_path / "watched",
+                       val_data=str(tiny_imagefolder))
+    assert plain.steps == watched.steps
+    knn = [r for r in read_log(tmp_path / "watched") if "knn_top1" in r]
+    assert len(knn) == 2  # the monitor ran after each epoch
+    a = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "watched" / "checkpoint.pt", weights_only=True)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
