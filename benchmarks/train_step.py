@@ -18,7 +18,9 @@ excluded), with the same ResNet trunk and heads:
 
 With ``--data`` (an ImageFolder ``.tar`` read in place, e.g. Imagenette-96) it also times the PIRL
 step fed by a ``DataLoader`` with ``--workers`` worker processes running the real jigsaw + image
-views, and reports its samples/s against the trunk-only number (issue 6 target: >= 0.8).
+views the way :func:`pirl.train.pretrain` builds them (crops and colour parameters per sample,
+the colour of the whole batch in :class:`pirl.data.views.ColourCollate`), and reports its
+samples/s against the trunk-only number (issue 6 target: >= 0.8).
 
 The issue's setting is ResNet-18, 64-px images and 21-px patches, batch 32, N = 32,000 negatives.
 The 64-px preset (tiny64-r18) cuts 18-px patches from 24-px cells; ``--patch 21`` keeps its
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pirl import config as C
-from pirl.data import ViewDataset, collate_views, open_source
+from pirl.data import ColourCollate, ViewDataset, collate_views, open_source
 from pirl.data.views import build_train_transform
 from pirl.methods import Objective
 from pirl.models.pirl import build_model
@@ -225,11 +227,14 @@ def loader_batches(cfg: C.Config, data: str, workers: int, device: torch.device,
     from pirl.train import to_device
 
     source = open_source(data)
-    dataset = ViewDataset(source, build_train_transform(cfg))
+    # As pirl/train.py: the workers draw each sample's crops and colour parameters, and colour
+    # the whole batch in one call in the collate function (unreadable images dropped by
+    # collate_views, which also counts them).
+    dataset = ViewDataset(source, build_train_transform(cfg, defer_colour=True))
     g = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
-        num_workers=workers, collate_fn=collate_views, generator=g,
+        num_workers=workers, collate_fn=ColourCollate(collate_views), generator=g,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
     while True:
@@ -303,7 +308,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         medians["pirl + real data"] = med
         medians["trunk only (same rounds)"] = tmed
         print(f"\nwith real data loading: {Path(data).name}, {args.workers} DataLoader "
-              f"worker(s), training transform in the workers, tar read in place")
+              f"worker(s), training transform and batch colour (ColourCollate) in the workers, "
+              f"tar read in place")
         print()
         print("| step | samples/s (median) | min..max | vs trunk only |")
         print("|---|---|---|---|")

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 
+import pirl.data.views
 from pirl import losses as L
 from pirl.bench import BENCHMARKS, add_bench_parser, load_benchmark
 from pirl.data.augment import _hue_cases, _round_to_uint8, _shift_hue
+from pirl.data.views import COLOUR_KEY, colour_batch
 
 
 def test_round_to_uint8_is_round_half_even() -> None:
@@ -70,6 +73,30 @@ def test_train_step_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> N
     assert all(math.isfinite(v) and v > 0 for v in medians.values())
     out = capsys.readouterr().out
     assert "| pirl |" in out and "PyContrast" in out
+
+
+def test_train_step_loader_colours_in_the_collate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's real-data loader builds its views as pirl.train does: crops drawn per
+    sample, the colour of the whole batch in one ColourCollate call (nothing left deferred),
+    normalised floats of the configured shapes."""
+    ts = _train_step_module()
+    calls: list[int] = []
+
+    def counting(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        calls.append(len(samples))
+        return colour_batch(samples)
+
+    monkeypatch.setattr(pirl.data.views, "colour_batch", counting)
+    ap = argparse.ArgumentParser()
+    ts.add_arguments(ap)
+    cfg = ts.build_config(ap.parse_args(["--image-size", "32", "--patch", "0", "--batch", "3"]))
+    batch = next(ts.loader_batches(cfg, "synthetic", 0, torch.device("cpu")))
+    assert calls == [3]  # one batched colour call for the 3 samples
+    assert COLOUR_KEY not in batch and "skipped" not in batch
+    v = cfg.views
+    assert batch["image"].shape == (3, 3, v.image_size, v.image_size)
+    assert batch["patches"].shape == (3, v.grid * v.grid, 3, v.patch, v.patch)
+    assert batch["image"].dtype == batch["patches"].dtype == torch.float32
 
 
 def test_pirl_bench_parser_and_views_benchmark(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,9 +15,11 @@ from pirl.data.datasets import (
     open_source,
 )
 from pirl.data.synthetic import SyntheticSource
+from pirl.data.views import ColourCollate
 
 __all__ = [
     "BadImageError",
+    "ColourCollate",
     "DatasetError",
     "FolderSource",
     "ImageSource",
