@@ -221,12 +221,15 @@ def time_steps(step: Callable[[Batch], Tensor], batches: Iterator[Batch], n: int
 
 
 def loader_batches(cfg: C.Config, data: str, workers: int, device: torch.device,
-                   ) -> Iterator[Batch]:
+                   bank_rows: int) -> Iterator[Batch]:
     """Endless batches of real views: ``DataLoader`` workers run the training transform on the
     tar's images (read in place); uint8 views are normalised on ``device`` as in training."""
     from pirl.train import to_device
 
     source = open_source(data)
+    if len(source) > bank_rows:  # a sample's dataset index is its bank row
+        raise SystemExit(f"train_step.py: --data {data} has {len(source)} images but the bank "
+                         f"has --bank {bank_rows} rows; pass --bank {len(source)} or more")
     # As pirl/train.py: the workers draw each sample's crops and colour parameters, and colour
     # the whole batch in one call in the collate function (unreadable images dropped by
     # collate_views, which also counts them).
@@ -297,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         if not Path(data).exists():
             print(f"\n(--data {data} not found: real-data timing skipped)")
             return medians
-        real = loader_batches(cfg, data, args.workers, device)
+        real = loader_batches(cfg, data, args.workers, device, args.bank)
         pirl = steps["pirl"]
         time_steps(pirl, real, args.warmup + 1, B, device)  # starts the workers
         xs, ts = [], []

@@ -90,7 +90,7 @@ def test_train_step_loader_colours_in_the_collate(monkeypatch: pytest.MonkeyPatc
     ap = argparse.ArgumentParser()
     ts.add_arguments(ap)
     cfg = ts.build_config(ap.parse_args(["--image-size", "32", "--patch", "0", "--batch", "3"]))
-    batch = next(ts.loader_batches(cfg, "synthetic", 0, torch.device("cpu")))
+    batch = next(ts.loader_batches(cfg, "synthetic", 0, torch.device("cpu"), bank_rows=2000))
     assert calls == [3]  # one batched colour call for the 3 samples
     assert COLOUR_KEY not in batch and "skipped" not in batch
     v = cfg.views
@@ -111,3 +111,14 @@ def test_pirl_bench_parser_and_views_benchmark(capsys: pytest.CaptureFixture[str
     with pytest.raises(ValueError, match="unknown benchmark"):
         load_benchmark("nope")
     assert set(BENCHMARKS) == {"views", "loss", "train-step"}
+
+
+def test_train_step_refuses_a_bank_smaller_than_the_data() -> None:
+    """Dataset indices are bank rows: a bank smaller than the data fails up front, naming --bank
+    (it used to fail deep inside the step with an IndexError)."""
+    ts = _train_step_module()
+    ap = argparse.ArgumentParser()
+    ts.add_arguments(ap)
+    cfg = ts.build_config(ap.parse_args(["--image-size", "32", "--patch", "0", "--batch", "3"]))
+    with pytest.raises(SystemExit, match="--bank 64 rows; pass --bank 2000"):
+        next(ts.loader_batches(cfg, "synthetic", 0, torch.device("cpu"), bank_rows=64))
