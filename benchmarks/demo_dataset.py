@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.from_preset("demo")
     settings = EvalSettings(batch_size=256, workers=0, quiet=True, cache_dir=None)
     train, val = open_source("synthetic"), open_source("synthetic:val")
-    print("| what | kNN top-1 % |\n|---|---|")
     print(f"dataset style {args.style!r}\n")
+    print("| what | kNN top-1 % |\n|---|---|")
     for seed in (0, 1, 2):
         torch.manual_seed(seed)  # as `pirl demo` builds its random-init trunk
         r = run_knn(build_trunk("resnet18", False), train, val, cfg.views, settings, k=20)
