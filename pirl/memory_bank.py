@@ -199,6 +199,34 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# Largest [B*Q, |D|] float32 score matrix the automatic choice lets the dense path build.
+_DENSE_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
+
+
+class _DenseScores(torch.autograd.Function):
+    """scores[b, k, j] = query[b, k] . rows[idx[b, j]] via all-row scores (grad to ``query``)."""
+
+    @staticmethod
+    def forward(ctx: Any, query: Tensor, rows: Tensor, idx: Tensor  # type: ignore[override]
+                ) -> Tensor:
+        b, q, d = query.shape
+        everything = (query.reshape(b * q, d) @ rows.float().t()).view(b, q, -1)  # [B,Q,|D|]
+        ctx.save_for_backward(rows, idx)
+        return everything.gather(2, idx.unsqueeze(1).expand(b, q, idx.shape[1]))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        rows, idx = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        b, q, n = grad.shape
+        # grad_query[b,k] = sum_j grad[b,k,j] rows[idx[b,j]] = (grad spread over all rows) @ rows;
+        # scatter_add sums repeated negatives, as the gather path does.
+        spread = grad.new_zeros(b, q, rows.shape[0])
+        spread.scatter_add_(2, idx.unsqueeze(1).expand(b, q, n), grad.contiguous())
+        return (spread.view(b * q, -1) @ rows.float()).view(b, q, -1), None, None
+
+
 class _GatherScores(torch.autograd.Function):
     """scores[b, k, j] = query[b, k] . rows[idx[b, j]]  (grad flows to ``query`` only)."""
 
@@ -255,13 +283,20 @@ class _GatherScores(torch.autograd.Function):
 
 
 def gather_scores(query: Tensor, rows: Tensor, idx: Tensor,
-                  chunk_bytes: int | None = None) -> Tensor:
+                  chunk_bytes: int | None = None, dense: bool | None = None) -> Tensor:
     """Dot products of each sample's queries with its own bank rows, without ``[B,N,D]``.
 
     query: float32 ``[B,D]`` or ``[B,Q,D]`` (Q queries per sample share the same negatives, e.g.
     PIRL's z_t and z_img: one gather serves both); rows: the bank ``[|D|,D]`` (any float dtype,
     no gradient); idx: Long ``[B,N]``.  Returns float32 ``[B,N]`` or ``[B,Q,N]``; differentiable
     in ``query``.
+
+    Two ways to the same numbers (to float rounding): gather each sample's N rows in chunks and
+    multiply (reads B x N rows), or, ``dense``, score *every* bank row with one ``[B*Q,D] x
+    [D,|D|]`` product and pick each sample's N columns (the backward scatters the gradient into
+    ``[B*Q,|D|]`` and multiplies by the bank).  Dense wins when B x N exceeds |D| (small banks:
+    the rows would be read many times over); ``dense=None`` picks it then, for a float32 bank,
+    if the ``[B*Q,|D|]`` scores fit in ``_DENSE_BYTES``.
     """
     squeeze = query.dim() == 2
     q3 = query.unsqueeze(1) if squeeze else query
@@ -269,6 +304,14 @@ def gather_scores(query: Tensor, rows: Tensor, idx: Tensor,
         raise ValueError(f"gather_scores: query [B,D] or [B,Q,D] and idx [B,N] expected; got "
                          f"{tuple(query.shape)} and {tuple(idx.shape)}")
     q3 = q3.float().contiguous()
+    if dense is None:
+        b, q, n = q3.shape[0], q3.shape[1], idx.shape[1]
+        limit = _DENSE_BYTES["cuda" if rows.device.type == "cuda" else "cpu"]
+        dense = (rows.dtype == torch.float32 and b * n > rows.shape[0]
+                 and b * q * rows.shape[0] * 4 <= limit)
+    if dense:
+        out = _DenseScores.apply(q3, rows.detach(), idx.to(rows.device))
+        return out.squeeze(1) if squeeze else out
     out = _GatherScores.apply(q3, rows.detach(), idx.to(rows.device), chunk_bytes)
     return out.squeeze(1) if squeeze else out
 

@@ -145,9 +145,10 @@ def test_load_state_with_wrong_row_count_is_clear() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("queries", [1, 2])
-@pytest.mark.parametrize("chunk_bytes", [None, 1])
-def test_fast_gather_scores_equal_reference(dtype: torch.dtype, queries: int,
-                                            chunk_bytes: int | None) -> None:
+@pytest.mark.parametrize("path", ["chunks of 1", "auto", "dense", "gather"])
+def test_fast_gather_scores_equal_reference(dtype: torch.dtype, queries: int, path: str) -> None:
+    """Both paths (chunked gather, dense all-row scores) against the [B,N,D] reference, forward
+    and backward; n = 37 from 300 rows with replacement, so repeated negatives occur."""
     torch.manual_seed(0)
     bank = MemoryBank(300, 16, dtype=dtype, seed=1)
     b, n = 5, 37
@@ -156,7 +157,9 @@ def test_fast_gather_scores_equal_reference(dtype: torch.dtype, queries: int,
     q = F.normalize(torch.randn(*shape), dim=-1)
     w = torch.randn(*shape[:-1], n)  # a non-uniform upstream gradient
     q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
-    fast = gather_scores(q1, bank.rows, idx, chunk_bytes=chunk_bytes)
+    kwargs = {"chunks of 1": {"chunk_bytes": 1}, "auto": {}, "dense": {"dense": True},
+              "gather": {"dense": False}}[path]
+    fast = gather_scores(q1, bank.rows, idx, **kwargs)  # type: ignore[arg-type]
     ref = gather_scores_reference(q2, bank.rows, idx)
     assert fast.shape == ref.shape == (*shape[:-1], n) and fast.dtype == torch.float32
     torch.testing.assert_close(fast, ref)
@@ -169,6 +172,28 @@ def test_fast_gather_scores_equal_reference(dtype: torch.dtype, queries: int,
         torch.testing.assert_close(ref[2, 3], (q[2] * rows[idx[2, 3]]).sum())
 
 
+def test_gather_scores_picks_dense_when_negatives_outnumber_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The automatic choice: dense scores when B x N > |D| (float32 bank, scores small enough),
+    the chunked gather otherwise."""
+    import pirl.memory_bank as mb
+
+    used: list[str] = []
+    for name in ("_DenseScores", "_GatherScores"):
+        cls = getattr(mb, name)
+        monkeypatch.setattr(mb, name, type(name, (cls,), {"apply": staticmethod(
+            lambda *a, _c=cls, _n=name: (used.append(_n), _c.apply(*a))[1])}))
+    q = F.normalize(torch.randn(4, 8), dim=1)
+    bank = MemoryBank(100, 8)
+    gather_scores(q, bank.rows, torch.randint(0, 100, (4, 30)))  # 120 > 100 rows
+    gather_scores(q, bank.rows, torch.randint(0, 100, (4, 20)))  # 80 <= 100
+    gather_scores(q, MemoryBank(100, 8, dtype=torch.float16).rows,
+                  torch.randint(0, 100, (4, 30)))  # half bank: gather (no float32 copy)
+    monkeypatch.setitem(mb._DENSE_BYTES, "cpu", 100)  # scores [4, 100] floats > 100 bytes
+    gather_scores(q, bank.rows, torch.randint(0, 100, (4, 30)))
+    assert used == ["_DenseScores", "_GatherScores", "_GatherScores", "_GatherScores"]
+
+
 def test_shared_scores_equal_per_sample_with_same_rows() -> None:
     bank = MemoryBank(50, 8)
     q = F.normalize(torch.randn(4, 2, 8), dim=-1)
@@ -177,12 +202,13 @@ def test_shared_scores_equal_per_sample_with_same_rows() -> None:
     torch.testing.assert_close(shared_scores(q, bank.rows, idx), per)
 
 
-def test_bank_modified_before_backward_is_detected() -> None:
+@pytest.mark.parametrize("dense", [False, True])
+def test_bank_modified_before_backward_is_detected(dense: bool) -> None:
     """Scoring must use the bank before the update: updating in place between the forward and
     the backward would silently change the gradient, so autograd's version check must fire."""
     bank = MemoryBank(20, 4)
     q = F.normalize(torch.randn(2, 4), dim=1).requires_grad_()
-    s = gather_scores(q, bank.rows, torch.tensor([[1, 2], [3, 4]]))
+    s = gather_scores(q, bank.rows, torch.tensor([[1, 2], [3, 4]]), dense=dense)
     bank.update(torch.tensor([1]), torch.ones(1, 4), 0.5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         s.sum().backward()
