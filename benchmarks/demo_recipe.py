@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_search import run_demo_process  # noqa: E402  (a sibling script, not a package)
 
 # The base every variant starts from: the `demo` preset as it stood when this search ran (8
 # epochs, crops down to 0.2 of the image, hue jitter 0.05) with BatchNorm statistics from both
@@ -81,28 +81,14 @@ ROUND1 = list(VARIANTS)[:16]
 
 def run_variant(name: str, epochs: int | None, overrides: list[str], out: Path, device: str,
                 ) -> dict[str, object]:
-    """One ``pirl demo`` process; returns its demo.json summary plus wall time and status."""
+    """One ``pirl demo`` process on the search's base; returns its row (demo.json summary plus
+    wall time and status)."""
     run_dir = out / name.replace(" ", "_").replace(">=", "ge").replace("(", "").replace(")", "")
-    # demo_search.py's job mode: swaps in the dataset style, then runs `pirl demo` in-process.
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / "demo_search.py"), "--job",
-           SEARCH_STYLE, str(run_dir), str(SEARCH_EPOCHS if epochs is None else epochs), device,
-           *SEARCH_BASE, *overrides, "amp=false", "channels_last=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    wall = time.perf_counter() - t0
-    (out / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
-    row: dict[str, object] = {"name": name, "overrides": overrides, "wall_s": wall,
-                              "returncode": proc.returncode}
-    summary = run_dir / "demo.json"
-    if proc.returncode == 0 and summary.exists():
-        s = json.loads(summary.read_text())
-        row.update(epochs=s["config"]["optim"]["epochs"], steps=s["steps"],
-                   train_s=s["train_seconds"], pirl=s["knn"]["PIRL pretrained"]["top1"],
-                   random=s["knn"]["random init"]["top1"], gain=s["gain_top1"])
-    else:
-        row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-    print(f"done: {name} ({wall:.0f} s, rc {proc.returncode}): "
+    row: dict[str, object] = {"name": name, "overrides": overrides}
+    row.update(run_demo_process(SEARCH_STYLE, run_dir,
+                                SEARCH_EPOCHS if epochs is None else epochs, device,
+                                [*SEARCH_BASE, *overrides]))
+    print(f"done: {name} ({float(str(row['wall_s'])):.0f} s, rc {row['returncode']}): "
           f"{row.get('pirl', '-')} vs {row.get('random', '-')}", flush=True)
     return row
 

@@ -79,25 +79,38 @@ def _stage(name: str) -> list[Job]:
     raise ValueError(f"unknown stage {name!r}")
 
 
-def run_job(job: Job, out: Path, device: str) -> dict[str, object]:
-    """Runs one job in a child process (the dataset style is process-global); returns its row."""
-    style, recipe, epochs, overrides, seed = job
-    run_dir = out / f"{style}_{recipe}_{epochs}ep_s{seed}".replace(" ", "-").replace("+", "p")
-    cmd = [sys.executable, __file__, "--job", style, str(run_dir), str(epochs), device,
-           *overrides, f"seed={seed}", "amp=false", "channels_last=false"]
+def run_demo_process(style: str, run_dir: Path, epochs: int, device: str,
+                     overrides: list[str]) -> dict[str, object]:
+    """``pirl demo`` on dataset ``style`` in a child process (the style is process-global), one
+    torch thread, fp32; its output goes to ``run_dir``.log.  Returns wall time and return code,
+    plus epochs, steps, train seconds and kNN top-1 pretrained / random / gain from its
+    demo.json, or the last line of its error."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--job", style, str(run_dir),
+           str(epochs), device, *overrides, "amp=false", "channels_last=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    row: dict[str, object] = {"style": style, "recipe": recipe, "epochs": epochs, "seed": seed,
-                              "overrides": overrides, "wall_s": time.perf_counter() - t0,
-                              "returncode": proc.returncode}
+    row: dict[str, object] = {"wall_s": time.perf_counter() - t0, "returncode": proc.returncode}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.with_suffix(".log").write_text(proc.stdout + proc.stderr)
     summary = run_dir / "demo.json"
     if proc.returncode == 0 and summary.exists():
         s = json.loads(summary.read_text())
-        row.update(pirl=s["knn"]["PIRL pretrained"]["top1"], random=s["knn"]["random init"]["top1"],
-                   gain=s["gain_top1"], train_s=s["train_seconds"])
+        row.update(epochs=s["config"]["optim"]["epochs"], steps=s["steps"],
+                   train_s=s["train_seconds"], pirl=s["knn"]["PIRL pretrained"]["top1"],
+                   random=s["knn"]["random init"]["top1"], gain=s["gain_top1"])
     else:
         row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+    return row
+
+
+def run_job(job: Job, out: Path, device: str) -> dict[str, object]:
+    """One job of a stage; prints its row and appends it to ``out``/rows.jsonl."""
+    style, recipe, epochs, overrides, seed = job
+    run_dir = out / f"{style}_{recipe}_{epochs}ep_s{seed}".replace(" ", "-").replace("+", "p")
+    row: dict[str, object] = {"style": style, "recipe": recipe, "epochs": epochs, "seed": seed,
+                              "overrides": overrides}
+    row.update(run_demo_process(style, run_dir, epochs, device, [*overrides, f"seed={seed}"]))
     print(json.dumps(row), flush=True)
     with open(out / "rows.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")

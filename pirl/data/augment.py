@@ -587,11 +587,11 @@ _IDENTITY_LIST = [1.0, 1.0, 1.0, 0.0]
 
 def colour_jobs(jobs: Sequence[ColourJob]) -> None:
     """Colour-jitter and grayscale the views of every job into its ``outs`` (no flip: see
-    :func:`flip_items_`).  Each job is computed exactly as it would be alone (the same blocks, the
-    same operations on the same values), so a batch of jobs gives bit for bit the pixels of one
-    call per job; what the batch shares is everything around the pixel work: one conversion of
-    the parameters for all jobs, and one set of row buffers and views, reused job after job while
-    they are still in the cache.
+    :func:`flip_job_outputs_`). Each job is computed exactly as it would be alone (the same blocks,
+    the same operations on the same values), so a batch of jobs gives bit for bit the pixels of one
+    call per job; what the batch shares is everything around the pixel work: one conversion of the
+    parameters for all jobs, and one set of row buffers and views, reused job after job while they
+    are still in the cache.
 
     How each job is computed: its items are copied (and converted to float) into K rows of Q
     pixels: each item is cut into chunks of whole image rows (:func:`_row_layout`); unused pixels
@@ -702,6 +702,20 @@ def _colour_job(job: ColourJob, space: _Workspace, blocks: list[_Block], item0: 
             img_part.copy_(rows_part)
 
 
+def flip_job_outputs_(jobs: Sequence[ColourJob]) -> None:
+    """Apply each job's horizontal flips (``params.flip``, one per item over its outputs in
+    order) to its coloured ``outs`` in place: the step after :func:`colour_jobs` (the flip
+    commutes with every colour operation, so it may come last)."""
+    if not jobs:
+        return
+    flips = torch.cat([job.params.flip for job in jobs]).tolist()  # one conversion for all
+    start = 0
+    for job in jobs:
+        for out in job.outs:
+            flip_items_(out, flips[start:start + out.shape[0]])
+            start += out.shape[0]
+
+
 def flip_items_(v: Tensor, flips: Sequence[bool]) -> Tensor:
     """Horizontally flip, in place, the items of ``v [N,3,H,W]`` marked in ``flips``; returns
     ``v``.  Item by item: a gather / flip / scatter of all of them at once (advanced indexing)
@@ -732,10 +746,7 @@ def apply_photometric(x: Tensor | Sequence[Tensor], p: Photometric
     """
     views = [x] if isinstance(x, Tensor) else list(x)
     outs = [torch.empty(v.shape, dtype=torch.uint8, device=v.device) for v in views]
-    colour_jobs([ColourJob(views, outs, p)])
-    flips = p.flip.tolist()
-    start = 0
-    for out in outs:
-        flip_items_(out, flips[start:start + out.shape[0]])
-        start += out.shape[0]
+    jobs = [ColourJob(views, outs, p)]
+    colour_jobs(jobs)
+    flip_job_outputs_(jobs)
     return outs[0] if isinstance(x, Tensor) else outs

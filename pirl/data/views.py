@@ -38,7 +38,7 @@ from pirl.data.augment import (
     Photometric,
     apply_photometric,
     colour_jobs,
-    flip_items_,
+    flip_job_outputs_,
     resize,
     resized_crop,
     sample_crop_box,
@@ -309,12 +309,7 @@ def colour_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
             jobs.append(ColourJob([_items(sample[k]) for k in keys],
                                   [_items(outs[k][i]) for k in keys], photometric))
     colour_jobs(jobs)
-    flips = torch.cat([job.params.flip for job in jobs]).tolist()
-    start = 0
-    for job in jobs:
-        for out in job.outs:
-            flip_items_(out, flips[start:start + out.shape[0]])
-            start += out.shape[0]
+    flip_job_outputs_(jobs)
     return outs
 
 
