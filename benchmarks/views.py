@@ -14,6 +14,11 @@ Compares, side by side in one run, on a decoded 256 x 256 PIL image (no JPEG dec
   collated batch; the time of the whole batch divided by its size.  (The rows above include no
   collation: that favours them.)
 
+Both rows run once per colour backend (``views.colour_backend``): ``torch`` always, ``numba``
+when it is installed (``pip install pirl[fast]``; training's default then).  The benchmark checks
+that each backend's batched path gives bit for bit its per-sample pixels and that the two backends
+differ by at most one grey level.
+
 All do the same operations with the same probabilities (colour jitter 0.4/0.4/0.4/0.2 always,
 grayscale 0.2, flip 0.5).  The rounds alternate between the pipelines so that load from other
 processes on the machine hits all alike; ms/image is the median over rounds.
@@ -40,6 +45,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from pirl.config import Config, ViewConfig
+from pirl.data.augment import numba_available
 from pirl.data.jigsaw import JigsawView
 from pirl.data.views import (
     IMAGENET_MEAN,
@@ -121,13 +127,22 @@ class BatchedColour:
 
     def __init__(self, cfg: Config, batch: int) -> None:
         self.transform = build_train_transform(cfg, defer_colour=True)
-        self.collate = ColourCollate()
+        self.collate = ColourCollate(backend=cfg.views.colour_backend)
         self.batch = batch
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         out = self.collate([{**self.transform(img), "index": i} for i in range(self.batch)])
         assert isinstance(out, dict)
         return out
+
+
+def numba_version() -> str:
+    """", numba X.Y" when the numba colour backend is there, else ""."""
+    if not numba_available():
+        return ""
+    import numba
+
+    return f", numba {numba.__version__}"
 
 
 def time_per_image(fn: Callable[[Image.Image], object], img: Image.Image, n: int) -> float:
@@ -153,37 +168,50 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # one process, one core: the per-worker cost
     torch.manual_seed(0)
 
-    cfg = Config()  # the paper's preset: 224 view, 255 crop, 85 cells, 64 patches
-    v = cfg.views
+    v = Config().views  # the paper's preset: 224 view, 255 crop, 85 cells, 64 patches
+    backends = ["torch", "numba"] if numba_available() else ["torch"]
+    configs = {b: Config() for b in backends}
+    for b, c in configs.items():
+        c.views.colour_backend = b
     img = load_input(args.image)
-    image_view, jigsaw_view = ImageView(v), JigsawView(v)
+    best = configs[backends[-1]].views
+    image_view, jigsaw_view = ImageView(best), JigsawView(best)
     pipelines: dict[str, Callable[[Image.Image], object]] = {
-        "baseline (PIL, view by view)": BaselinePIL(v),
-        "pirl fast path (image + jigsaw)": build_train_transform(cfg),
-        f"pirl batched colour (batch {args.batch}, per image)": BatchedColour(cfg, args.batch),
-        "  of which: image view alone": image_view,
-        "  of which: jigsaw view alone": jigsaw_view,
-        "baseline + ToTensor/Normalize per view (float out)": BaselinePIL(v, float_output=True),
-    }
+        "baseline (PIL, view by view)": BaselinePIL(v)}
+    for b in backends:
+        pipelines[f"pirl fast path (image + jigsaw), {b} colour"] = build_train_transform(
+            configs[b])
+    for b in backends:
+        pipelines[f"pirl batched colour (batch {args.batch}, per image), {b} colour"] = (
+            BatchedColour(configs[b], args.batch))
+    pipelines[f"  of which: image view alone ({backends[-1]})"] = image_view
+    pipelines[f"  of which: jigsaw view alone ({backends[-1]})"] = jigsaw_view
+    pipelines["baseline + ToTensor/Normalize per view (float out)"] = BaselinePIL(
+        v, float_output=True)
     # Shapes first: both produce the same outputs.
     base_out = pipelines["baseline (PIL, view by view)"](img)
-    fast_out = pipelines["pirl fast path (image + jigsaw)"](img)
+    fast_out = build_train_transform(configs["torch"])(img)
     assert isinstance(base_out, dict) and isinstance(fast_out, dict)
     for key in ("image", "patches"):
         assert base_out[key].shape == fast_out[key].shape, key
         assert base_out[key].dtype == fast_out[key].dtype == torch.uint8, key
-    # The batched path gives bit for bit the per-sample path's pixels (seeded per sample, as
-    # training seeds them).
-    batched = BatchedColour(cfg, 3)
-    per_sample, deferred = [], []
-    for i in range(batched.batch):
-        torch.manual_seed(i)
-        per_sample.append(pipelines["pirl fast path (image + jigsaw)"](img))
-        torch.manual_seed(i)
-        deferred.append(batched.transform(img))
-    reference, batch_out = default_collate(per_sample), batched.collate(deferred)
+    # Each backend's batched path gives bit for bit its per-sample path's pixels (seeded per
+    # sample, as training seeds them); the backends agree to one grey level.
+    batches = {}
+    for b in backends:
+        per_sample_tf, batched = build_train_transform(configs[b]), BatchedColour(configs[b], 3)
+        per_sample, deferred = [], []
+        for i in range(batched.batch):
+            torch.manual_seed(i)
+            per_sample.append(per_sample_tf(img))
+            torch.manual_seed(i)
+            deferred.append(batched.transform(img))
+        reference, batches[b] = default_collate(per_sample), batched.collate(deferred)
+        for key in ("image", "patches"):
+            assert torch.equal(batches[b][key], reference[key]), (b, key)
     for key in ("image", "patches"):
-        assert torch.equal(batch_out[key], reference[key]), key
+        diff = (batches["torch"][key].int() - batches[backends[-1]][key].int()).abs()
+        assert int(diff.max()) <= 1, key
     torch.manual_seed(0)
     for fn in pipelines.values():  # warm-up
         time_per_image(fn, img, 5)
@@ -195,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     base = med["baseline (PIL, view by view)"]
     print(f"jigsaw + image views, paper preset (view {v.image_size}, crop {v.jigsaw_crop}, cell "
           f"{v.cell}, patch {v.patch}), {img.width}x{img.height} PIL input, 1 thread, "
-          f"torch {torch.__version__}; median of {args.rounds} rounds x {args.per_round} images "
+          f"torch {torch.__version__}{numba_version()}; median of {args.rounds} rounds x "
+          f"{args.per_round} images "
           f"(batched row: {max(1, args.per_round // args.batch)} x {args.batch}); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine)")
     print()

@@ -295,6 +295,11 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     if workers < cfg.train.workers and env.is_main:
         log.info("train.workers=%d exceeds the %d CPU(s) available; using %d",
                  cfg.train.workers, workers, workers)
+    # Resolved (and the numba kernel compiled) once, here, before any worker forks.
+    collate = ColourCollate(backend=cfg.views.colour_backend)
+    if env.is_main:
+        log.info("colour augmentation: %s backend (views.colour_backend=%s)", collate.backend,
+                 cfg.views.colour_backend)
     last: dict[str, Any] = {}
     steps_this_call = 0
     with _StopFlag() as stop:
@@ -302,7 +307,7 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
             sampler = EpochSampler(n, cfg.optim.batch_size, cfg.train.seed, env.rank,
                                    env.world_size, epoch=state.epoch, start_batch=state.batch)
             loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
-                                collate_fn=ColourCollate(), num_workers=workers,
+                                collate_fn=collate, num_workers=workers,
                                 pin_memory=on_gpu,
                                 persistent_workers=False,
                                 prefetch_factor=4 if workers > 0 else None)

@@ -82,9 +82,9 @@ def test_train_step_loader_colours_in_the_collate(monkeypatch: pytest.MonkeyPatc
     ts = _train_step_module()
     calls: list[int] = []
 
-    def counting(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def counting(samples: list[dict[str, Any]], backend: str) -> dict[str, torch.Tensor]:
         calls.append(len(samples))
-        return colour_batch(samples)
+        return colour_batch(samples, backend)
 
     monkeypatch.setattr(pirl.data.views, "colour_batch", counting)
     ap = argparse.ArgumentParser()

@@ -23,6 +23,8 @@ from pirl.data.augment import (
     color_jitter_batch,
     colour_jobs,
     identity_photometric,
+    numba_available,
+    photometric_jobs,
     sample_photometric,
 )
 from pirl.data.datasets import collate_views
@@ -44,6 +46,10 @@ from pirl.data.views import (
 )
 
 PRESETS = (224, 96, 64, 32)
+# Both implementations of the colour augmentation; numba only where installed (it is in the dev
+# extra, so CI runs it: tests/test_colour_backends.py fails under CI=true if it is missing).
+BACKENDS = ["torch", pytest.param("numba", marks=pytest.mark.skipif(
+    not numba_available(), reason="numba not installed (pip install 'pirl[fast]')"))]
 
 
 def _image(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -193,13 +199,16 @@ def _tv_item(x: torch.Tensor, f: list[float], order: tuple[int, ...], gray: bool
     return y * 255.0
 
 
-def test_color_jitter_identity() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_color_jitter_identity(backend: str) -> None:
     x = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8)
     one, zero = torch.ones(4), torch.zeros(4)
     for order in [(0, 1, 2, 3), (3, 2, 1, 0)]:
         assert torch.equal(color_jitter_batch(x, one, one, one, zero, order), x)
-    out = apply_photometric(x, identity_photometric(4))
+    out = apply_photometric(x, identity_photometric(4), backend)
     assert isinstance(out, torch.Tensor) and torch.equal(out, x)
+    cl = x.contiguous(memory_format=torch.channels_last)  # the crops' layout: same result
+    assert torch.equal(apply_photometric(cl, identity_photometric(4), backend), x)
     # Hue shifts of +1/2 and -1/2 turn are the same rotation.
     xf = torch.rand(4, 3, 9, 7)
     torch.testing.assert_close(color_jitter_batch(xf, one, one, one, zero + 0.5),
@@ -240,7 +249,8 @@ def test_hue_on_grey_and_primary_colours() -> None:
         [[128 / 255] * 3, [0.0, 1.0, 0.0], [0.0, 1.0, 1.0]]), atol=1e-5, rtol=0)
 
 
-def test_apply_photometric_mixed_sizes_matches_per_item_torchvision() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apply_photometric_mixed_sizes_matches_per_item_torchvision(backend: str) -> None:
     """The fast path (image + patches in one blocked call, padded rows) equals torchvision's
     ops applied item by item (same order), within rounding; and equals separate calls."""
     gen = torch.Generator().manual_seed(5)
@@ -251,13 +261,13 @@ def test_apply_photometric_mixed_sizes_matches_per_item_torchvision() -> None:
         for _ in range(3):
             p = sample_photometric(10, v, gen)
             p.grayscale[3] = True  # make sure the grayscale branch runs
-            out_image, out_patches = apply_photometric([image, patches], p)
+            out_image, out_patches = apply_photometric([image, patches], p, backend)
             items = [image[0], *patches]
             for i, (got, x) in enumerate(zip([out_image[0], *out_patches], items, strict=True)):
                 ref = _tv_item(x, p.factors[i].tolist(), p.jitter_order,
                                bool(p.grayscale[i]), bool(p.flip[i]))
                 assert (got.float() - ref).abs().max() <= 0.51, (size, i, p.jitter_order)
-            alone = apply_photometric(patches, p.index(slice(1, 10)))
+            alone = apply_photometric(patches, p.index(slice(1, 10)), backend)
             assert isinstance(alone, torch.Tensor) and torch.equal(alone, out_patches)
 
 
@@ -425,7 +435,7 @@ def test_colour_jobs_equal_one_call_per_job() -> None:
     colour_jobs(batch)
     for job, (views, p) in zip(batch, jobs, strict=True):
         no_flip = replace(p, flip=torch.zeros(len(p), dtype=torch.bool))
-        alone = apply_photometric(views, no_flip)
+        alone = apply_photometric(views, no_flip, "torch")
         for got, ref in zip(job.outs, alone, strict=True):
             assert torch.equal(got, ref)
     # The colour did something (the identity job is a copy), and the inputs are untouched.
@@ -433,6 +443,21 @@ def test_colour_jobs_equal_one_call_per_job() -> None:
     assert torch.equal(batch[4].outs[0], jobs[4][0][0])
     gray = batch[5].outs[0].int()
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_photometric_jobs_equal_one_call_per_job(backend: str) -> None:
+    """photometric_jobs (colour and flips) on a batch of jobs written into slices of batch
+    tensors: bit for bit one apply_photometric call per job, for each backend."""
+    v = Config().views
+    jobs = _random_jobs(v, torch.Generator().manual_seed(12))
+    batch = [ColourJob(views, [torch.full_like(x, 7).contiguous() for x in views], p)
+             for views, p in jobs]
+    photometric_jobs(batch, backend)
+    for job, (views, p) in zip(batch, jobs, strict=True):
+        for got, ref in zip(job.outs, apply_photometric(views, p, backend), strict=True):
+            assert torch.equal(got, ref)
+    assert any(bool(p.flip.any()) for _, p in jobs)  # the flips ran too
 
 
 def test_colour_jobs_rejects_mismatches() -> None:
@@ -451,11 +476,13 @@ def test_colour_jobs_rejects_mismatches() -> None:
     ("jigsaw", "jigsaw"), ("rotation", "jigsaw"), ("npid", "jigsaw"),
 ])
 @pytest.mark.parametrize("size", [224, 64])
-def test_deferred_colour_collate_equals_per_sample(method: str, pretext: str, size: int) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deferred_colour_collate_equals_per_sample(method: str, pretext: str, size: int,
+                                                   backend: str) -> None:
     """TrainTransform(defer_colour=True) + ColourCollate gives bit for bit the batch of the
     per-sample transform + default_collate, seeded per sample as SeededViews does (images of
-    different sizes; every method and pretext)."""
-    cfg = _cfg(size, method=method, pretext=pretext)
+    different sizes; every method and pretext; each colour backend)."""
+    cfg = _cfg(size, method=method, pretext=pretext, colour_backend=backend)
     perms = maximal_hamming_permutations(6, seed=0)
     now = build_train_transform(cfg, perms)
     later = build_train_transform(cfg, perms, defer_colour=True)
@@ -469,7 +496,9 @@ def test_deferred_colour_collate_equals_per_sample(method: str, pretext: str, si
         deferred.append({**later(img), "index": i})
     assert all(isinstance(d[COLOUR_KEY], DeferredColour) for d in deferred)
     reference = default_collate(per_sample)
-    batch = ColourCollate()(deferred)
+    collate = ColourCollate(backend=backend)
+    assert collate.backend == backend
+    batch = collate(deferred)
     assert set(batch) == set(reference)
     for key, value in reference.items():
         assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key

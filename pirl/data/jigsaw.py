@@ -89,7 +89,8 @@ class JigsawView:
         order Long[P])``, plus :class:`JigsawParams` when ``return_params``."""
         patches, params = self.draw(img)
         if params.photometric is not None:
-            patches = apply_photometric(patches, params.photometric)
+            patches = apply_photometric(patches, params.photometric,
+                                        self.cfg.colour_backend)
         else:
             patches = patches.contiguous()
         if return_params:

@@ -15,8 +15,9 @@ colour operations on tensors; see :mod:`pirl.data.augment` for the batched colou
 Training defers the colour to the batch: ``TrainTransform(defer_colour=True)`` (in the DataLoader
 workers, seeded per sample) returns the geometric crops and the photometric parameters it drew, and
 :class:`ColourCollate` (the DataLoader's ``collate_fn``, also run in the workers) colours every view
-of the batch in one :func:`pirl.data.augment.colour_jobs` call.  The pixels are bit for bit those
-of the per-sample path (``defer_colour=False``) for the same draws.
+of the batch in one :func:`pirl.data.augment.photometric_jobs` call.  The pixels are bit for bit
+those of the per-sample path (``defer_colour=False``) for the same draws and the same colour
+backend (``views.colour_backend``).
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ from pirl.data.augment import (
     ImageLike,
     Photometric,
     apply_photometric,
-    colour_jobs,
-    flip_job_outputs_,
+    photometric_jobs,
     resize,
     resized_crop,
     sample_crop_box,
     sample_photometric,
     to_uint8_tensor,
+    warm_up_colour_backend,
 )
 from pirl.data.jigsaw import JigsawParams, JigsawView, maximal_hamming_permutations
 
@@ -97,7 +98,8 @@ class ImageView:
                  ) -> Tensor | tuple[Tensor, ImageParams]:
         view, params = self.draw(img)
         if params.photometric is not None:
-            view = apply_photometric(view[None], params.photometric)[0]
+            view = apply_photometric(view[None], params.photometric,
+                                     self.cfg.colour_backend)[0]
         else:
             view = view.contiguous()
         if return_params:
@@ -132,11 +134,12 @@ class RotationView:
                  generator: torch.Generator | None = None) -> None:
         self.image_view = ImageView(cfg, photometric, generator)
         self.generator = generator
+        self.backend = cfg.colour_backend
 
     def __call__(self, img: ImageLike) -> tuple[Tensor, int]:
         view, photometric, r = self.draw(img)
         if photometric is not None:
-            return apply_photometric(view[None], photometric)[0], r
+            return apply_photometric(view[None], photometric, self.backend)[0], r
         return view.contiguous(), r
 
     def draw(self, img: ImageLike) -> tuple[Tensor, Photometric | None, int]:
@@ -225,7 +228,8 @@ class TrainTransform:
         if self.defer_colour:
             return {**out, COLOUR_KEY: DeferredColour(jobs)}
         for keys, photometric in jobs:
-            coloured = apply_photometric([_items(out[k]) for k in keys], photometric)
+            coloured = apply_photometric([_items(out[k]) for k in keys], photometric,
+                                         self.views.colour_backend)
             for k, c in zip(keys, coloured, strict=True):
                 out[k] = c.view(out[k].shape)
         return out
@@ -288,9 +292,10 @@ def _batch_tensor(like: Tensor, batch: int) -> Tensor:
     return torch.empty((batch, *like.shape), dtype=like.dtype, device=like.device)
 
 
-def colour_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+def colour_batch(samples: Sequence[dict[str, Any]], backend: str = "auto") -> dict[str, Tensor]:
     """Apply the deferred colour of ``samples`` (from ``TrainTransform(defer_colour=True)``, all
-    of one transform) in one :func:`pirl.data.augment.colour_jobs` call.
+    of one transform) in one :func:`pirl.data.augment.photometric_jobs` call with ``backend``
+    (one of :data:`pirl.data.augment.COLOUR_BACKENDS`).
 
     Returns ``{key: uint8 [B, *shape]}`` for every coloured key, contiguous, sample i at index i:
     bit for bit what ``defer_colour=False`` gives each sample.  The results are written straight
@@ -308,8 +313,7 @@ def colour_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
         for keys, photometric in deferred.jobs:
             jobs.append(ColourJob([_items(sample[k]) for k in keys],
                                   [_items(outs[k][i]) for k in keys], photometric))
-    colour_jobs(jobs)
-    flip_job_outputs_(jobs)
+    photometric_jobs(jobs, backend)
     return outs
 
 
@@ -318,10 +322,16 @@ class ColourCollate:
     of every view of the batch in one call (:func:`colour_batch`), everything else (indices,
     labels, ``skipped`` counts, ...) by ``inner`` (default: torch's ``default_collate``;
     :func:`pirl.data.datasets.collate_views` to drop unreadable ``None`` items).  Samples without
-    deferred colour go to ``inner`` unchanged.  Picklable; runs in the DataLoader workers."""
+    deferred colour go to ``inner`` unchanged.  Picklable; runs in the DataLoader workers.
 
-    def __init__(self, inner: Callable[[list[Any]], Any] = default_collate) -> None:
+    ``backend`` (``views.colour_backend``) is resolved here, in the process that builds the
+    DataLoader, and the numba kernel is compiled or loaded here too, so that forked workers
+    inherit it; ``self.backend`` is the resolved name ("numba" or "torch")."""
+
+    def __init__(self, inner: Callable[[list[Any]], Any] = default_collate,
+                 backend: str = "auto") -> None:
         self.inner = inner
+        self.backend = warm_up_colour_backend(backend)
 
     def __call__(self, batch: list[dict[str, Any] | None]) -> Any:
         deferred = [b for b in batch if b is not None and COLOUR_KEY in b]
@@ -329,7 +339,7 @@ class ColourCollate:
             return self.inner(batch)
         if len(deferred) != sum(b is not None for b in batch):
             raise ValueError("a batch mixes samples with and without deferred colour")
-        coloured = colour_batch(deferred)
+        coloured = colour_batch(deferred, self.backend)
         rest = [None if b is None else
                 {k: v for k, v in b.items() if k != COLOUR_KEY and k not in coloured}
                 for b in batch]
