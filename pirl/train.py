@@ -295,11 +295,14 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     if workers < cfg.train.workers and env.is_main:
         log.info("train.workers=%d exceeds the %d CPU(s) available; using %d",
                  cfg.train.workers, workers, workers)
-    # Resolved (and the numba kernel compiled) once, here, before any worker forks.
+    # Resolved (and the numba kernel compiled) once, here, before any worker forks.  The
+    # backends agree to float rounding only, so the log says which one drew this run's pixels.
     collate = ColourCollate(backend=cfg.views.colour_backend)
     if env.is_main:
         log.info("colour augmentation: %s backend (views.colour_backend=%s)", collate.backend,
                  cfg.views.colour_backend)
+    logger.log({"kind": "event", "step": state.step, "epoch": state.epoch,
+                "event": "colour_backend", "colour_backend": collate.backend})
     last: dict[str, Any] = {}
     steps_this_call = 0
     with _StopFlag() as stop:

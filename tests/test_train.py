@@ -11,6 +11,7 @@ import torchvision
 
 from pirl import config as C
 from pirl.cli import main
+from pirl.data.augment import resolve_colour_backend
 from pirl.train import pretrain
 
 
@@ -43,6 +44,9 @@ def test_pirl_loss_falls_on_real_images(tiny_imagefolder: Path, tmp_path: Path) 
     last = sum(r["loss"] for r in train[-steps_per_epoch:]) / steps_per_epoch
     assert {"loss", "loss_t", "loss_img", "lr", "samples_per_s"} <= set(train[0])
     assert last < first - 0.5, (first, last)
+    # The log names the colour backend that drew the pixels (the two agree to rounding only).
+    events = [r for r in read_log(tmp_path / "run") if r["kind"] == "event"]
+    assert events[0]["colour_backend"] == resolve_colour_backend(cfg.views.colour_backend)
 
 
 def test_resume_and_trunk_loads_into_torchvision(tiny_imagefolder: Path, tmp_path: Path,
