@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from pirl import config as C
 from pirl.data import ColourCollate, ViewDataset, collate_views, open_source
+from pirl.data.augment import resolve_colour_backend
 from pirl.data.views import build_train_transform
 from pirl.methods import Objective
 from pirl.models.pirl import build_model
@@ -69,7 +70,8 @@ def build_config(args: argparse.Namespace) -> C.Config:
     views = C.view_preset(size) if size != 64 else {}
     C.apply_mapping(cfg, {**views, "arch": args.arch, "batch_size": args.batch,
                           "num_negatives": args.negatives, "negatives": args.mode,
-                          "loss": args.loss, "bank_dtype": args.bank_dtype})
+                          "loss": args.loss, "bank_dtype": args.bank_dtype,
+                          "colour_backend": args.colour_backend})
     if args.patch:
         cfg.views.patch = args.patch
     C.validate(cfg, dataset_size=args.bank)
@@ -234,10 +236,11 @@ def loader_batches(cfg: C.Config, data: str, workers: int, device: torch.device,
     # the whole batch in one call in the collate function (unreadable images dropped by
     # collate_views, which also counts them).
     dataset = ViewDataset(source, build_train_transform(cfg, defer_colour=True))
+    collate = ColourCollate(collate_views, backend=cfg.views.colour_backend)
     g = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
-        num_workers=workers, collate_fn=ColourCollate(collate_views), generator=g,
+        num_workers=workers, collate_fn=collate, generator=g,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
     while True:
@@ -310,9 +313,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         med, tmed = statistics.median(xs), statistics.median(ts)
         medians["pirl + real data"] = med
         medians["trunk only (same rounds)"] = tmed
+        backend = resolve_colour_backend(cfg.views.colour_backend)
         print(f"\nwith real data loading: {Path(data).name}, {args.workers} DataLoader "
-              f"worker(s), training transform and batch colour (ColourCollate) in the workers, "
-              f"tar read in place")
+              f"worker(s), training transform and batch colour (ColourCollate, {backend} "
+              f"backend) in the workers, tar read in place")
         print()
         print("| step | samples/s (median) | min..max | vs trunk only |")
         print("|---|---|---|---|")
@@ -338,6 +342,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--loss", default="nce", choices=C.LOSSES)
     ap.add_argument("--bank", type=int, default=50000, help="memory bank rows (|D|)")
     ap.add_argument("--bank-dtype", default="float32", choices=C.BANK_DTYPES)
+    ap.add_argument("--colour-backend", default="auto", choices=C.COLOUR_BACKENDS,
+                    help="colour augmentation of the --data loader (views.colour_backend)")
     ap.add_argument("--steps", type=int, default=3, help="steps per timing round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per step kind")
