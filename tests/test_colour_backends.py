@@ -110,6 +110,10 @@ def test_numba_flip_grayscale_and_strided_outputs() -> None:
     assert (batch[1, 1].double() - luma).abs().max() <= 0.5 + 1e-6
     assert torch.equal(batch[1, 1, 0], batch[1, 1, 2])
     assert not batch[0].any() and not batch[2].any()  # the other slices are untouched
+    # A non-contiguous output (every other column of a wider tensor) gets the same pixels.
+    wide = torch.zeros(2, 3, 4, 10, dtype=torch.uint8)
+    photometric_jobs([ColourJob([x], [wide[..., ::2]], p)], "numba")
+    assert torch.equal(wide[..., ::2], batch[1]) and not wide[..., 1::2].any()
 
 
 def replace_flags(p: Photometric, gray: list[bool], flip: list[bool]) -> Photometric:

@@ -18,6 +18,7 @@ contrast, which fix the mean luma contrast needs, and the ones from contrast on.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -171,14 +172,21 @@ def _hue_case(shift: float, a: np.ndarray, b: np.ndarray) -> np.float32:
     return F32(0.5 - abs(f))
 
 
-@njit(cache=True, nogil=True)
+# One explicit signature, every array C-contiguous (the wrapper below makes them so): one
+# compilation, done when this module is first imported (or loaded from numba's disk cache), rather
+# than one per combination of array layouts met at run time, ~5 s each.
+_SIGNATURE = ("void(uint8[:, :, ::1], uint8[:, :, :, ::1], float32[:, ::1], boolean[::1], "
+              "boolean[::1], int64[::1], float32[:, :, ::1])")
+
+
+@njit(_SIGNATURE, cache=True, nogil=True)
 def colour_items(src: np.ndarray, out: np.ndarray, factors: np.ndarray,
                  gray: np.ndarray, flip: np.ndarray, order: np.ndarray, rows: np.ndarray) -> None:
     """Colour jitter (operations in ``order``), grayscale and flip of ``n`` items.
 
     Args:
         src: uint8 ``[n, H, W * 3]``, C-contiguous (channels-last pixels).
-        out: uint8 ``[n, 3, H, W]``, any strides (overwritten).
+        out: uint8 ``[n, 3, H, W]``, C-contiguous (overwritten).
         factors: float32 ``[n, 4]`` (brightness, contrast, saturation, hue shift in turns).
         gray, flip: bool ``[n]``.
         order: int64 ``[4]``, a permutation of 0..3 (brightness, contrast, saturation, hue).
@@ -219,8 +227,20 @@ def colour_items(src: np.ndarray, out: np.ndarray, factors: np.ndarray,
             _store_row(t, gray[i], flip[i], out, i, y)
 
 
-# Workspaces by (H, W), reused call after call (per process: each DataLoader worker has its own).
-_ROWS: dict[tuple[int, int], np.ndarray] = {}
+# Workspaces by (H, W), reused call after call; one set per thread (the kernel releases the GIL,
+# so threads may colour at the same time; each DataLoader worker process has its own anyway).
+_LOCAL = threading.local()
+
+
+def _rows(H: int, W: int) -> np.ndarray:
+    """This thread's float32 ``[H, 3, W]`` workspace."""
+    spaces: dict[tuple[int, int], np.ndarray] | None = getattr(_LOCAL, "rows", None)
+    if spaces is None:
+        spaces = _LOCAL.rows = {}
+    rows = spaces.get((H, W))
+    if rows is None:
+        rows = spaces[(H, W)] = np.empty((H, 3, W), dtype=np.float32)
+    return rows
 
 
 def colour_jobs(jobs: Sequence[ColourJob]) -> None:
@@ -229,8 +249,10 @@ def colour_jobs(jobs: Sequence[ColourJob]) -> None:
     together (CPU tensors only; the caller checks the shapes)."""
     for job in jobs:
         p = job.params
-        factors = p.factors.to(torch.float32).numpy()
-        gray, flip = p.grayscale.numpy(), p.flip.numpy()
+        # The parameters as the contiguous arrays the signature asks for (a few bytes each).
+        factors = np.ascontiguousarray(p.factors.to(torch.float32).numpy())
+        gray = np.ascontiguousarray(p.grayscale.numpy())
+        flip = np.ascontiguousarray(p.flip.numpy())
         order = np.asarray(p.jitter_order, dtype=np.int64)
         start = 0
         for src, out in zip(job.sources, job.outs, strict=True):
@@ -238,10 +260,12 @@ def colour_jobs(jobs: Sequence[ColourJob]) -> None:
             # Channels-last crops (the resize's output, the stacked jigsaw patches) are read in
             # place; other layouts (a rotated crop) are copied channels-last first.
             arr = src.permute(0, 2, 3, 1).contiguous().view(n, H, W * 3).numpy()
-            rows = _ROWS.get((H, W))
-            if rows is None:
-                rows = _ROWS[(H, W)] = np.empty((H, 3, W), dtype=np.float32)
+            # The outputs are contiguous slices of a batch in training; others go through a
+            # contiguous buffer.
+            dense = out if out.is_contiguous() else torch.empty(out.shape, dtype=torch.uint8)
             end = start + n
-            colour_items(arr, out.numpy(), factors[start:end], gray[start:end],
-                         flip[start:end], order, rows)
+            colour_items(arr, dense.numpy(), factors[start:end], gray[start:end],
+                         flip[start:end], order, _rows(H, W))
+            if dense is not out:
+                out.copy_(dense)
             start = end

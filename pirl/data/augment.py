@@ -510,7 +510,8 @@ class ColourJob:
 
     ``sources``: uint8 ``[n_l,3,H_l,W_l]`` tensors (planar or channels-last); ``outs``: uint8
     tensors of the same shapes that receive the result (overwritten; any strides, e.g. slices of
-    a collated batch); ``params``: ``sum(n_l)`` parameter sets in order, one jitter order.
+    a collated batch) that do not overlap the sources; ``params``: ``sum(n_l)`` parameter sets in
+    order, one jitter order.
     """
 
     sources: Sequence[Tensor]
