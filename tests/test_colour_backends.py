@@ -4,11 +4,13 @@ against torchvision's operations and against the torch backend, and how the back
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 
+from pirl.cli import main
 from pirl.config import Config, ConfigError, validate
 from pirl.data import augment
 from pirl.data.augment import (
@@ -138,3 +140,17 @@ def test_backend_resolution_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="needs numba"):
         apply_photometric(x, identity_photometric(1), "numba")
     assert torch.equal(apply_photometric(x, identity_photometric(1), "auto"), x)
+
+
+def test_cli_names_the_key_when_numba_is_missing(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path) -> None:
+    """`pirl pretrain ... colour_backend=numba` without numba: a one-line error (exit 2) that
+    names the key and the fix, before any training step."""
+    monkeypatch.setattr(augment, "numba_available", lambda: False)
+    code = main(["pretrain", "--data", "synthetic", "--preset", "demo", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "views.colour_backend=numba"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "views.colour_backend='numba' needs numba" in err and "pirl[fast]" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -1,8 +1,10 @@
 """The colour augmentation as one compiled pass per view row (the ``numba`` colour backend).
 
-Imported only when the backend is used (``pip install pirl[fast]``): importing numba costs ~0.5 s
-and the first call compiles the kernel (~5 s, then cached on disk next to this file or in numba's
-user cache).  :func:`colour_jobs` here does what :func:`pirl.data.augment.colour_jobs` followed by
+Imported only when the backend is used (``pip install pirl[fast]``).  The import compiles the
+kernel the first time (~5 s; numba caches it on disk next to this file, or in its user cache
+where this folder is read-only) and later loads it from that cache (~0.5 s with numba's import).
+
+:func:`colour_jobs` here does what :func:`pirl.data.augment.colour_jobs` followed by
 :func:`pirl.data.augment.flip_job_outputs_` do, with the same formulas (torchvision's
 ``ColorJitter`` operations, the closed-form hue of :func:`pirl.data.augment._shift_hue`, grayscale
 after the jitter, round half to even once at the end), so the two backends agree to float rounding:
@@ -39,6 +41,7 @@ _MAGIC = F32(2.0**23)
 
 @njit(cache=True, nogil=True)
 def _clamp_row(t: np.ndarray, W: int) -> None:
+    """Clamp the float32 row ``t [3, W]`` to [0, 255] in place."""
     for ch in range(3):
         for x in range(W):
             t[ch, x] = min(max(t[ch, x], _ZERO), _TOP)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from pirl.config import COLOUR_BACKENDS, ViewConfig
+from pirl.config import COLOUR_BACKENDS, ConfigError, ViewConfig
 
 # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale uses for tensors.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -764,13 +764,14 @@ def numba_available() -> bool:
 def resolve_colour_backend(backend: str) -> str:
     """``"auto"`` -> ``"numba"`` when :func:`numba_available`, else ``"torch"``; ``"numba"`` and
     ``"torch"`` are returned as they are, after checking that numba is there."""
+    # ConfigError (a ValueError): the CLI prints it as a one-line error naming the key.
     if backend not in COLOUR_BACKENDS:
-        raise ValueError(f"views.colour_backend={backend!r}: expected one of {COLOUR_BACKENDS}")
+        raise ConfigError(f"views.colour_backend={backend!r}: expected one of {COLOUR_BACKENDS}")
     if backend == "auto":
         return "numba" if numba_available() else "torch"
     if backend == "numba" and not numba_available():
-        raise ValueError("views.colour_backend='numba' needs numba: pip install 'pirl[fast]' "
-                         "(or numba), or set views.colour_backend=torch")
+        raise ConfigError("views.colour_backend='numba' needs numba: pip install 'pirl[fast]' "
+                          "(or numba), or set views.colour_backend=torch")
     return backend
 
 
