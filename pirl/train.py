@@ -31,6 +31,7 @@ from pirl.checkpoint import (
     set_rng_state,
 )
 from pirl.data import ViewDataset, open_source
+from pirl.data.augment import resolve_colour_backend
 from pirl.data.sampler import EpochSampler, SeededViews, seed_everything, usable_workers
 from pirl.data.views import (
     ColourCollate,
@@ -193,6 +194,8 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
             of interrupted runs.
     """
     env = setup_distributed(device)
+    # A missing colour backend fails before the run folder is touched.
+    resolve_colour_backend(cfg.views.colour_backend)
     out = prepare_run_dir(out) if env.is_main else Path(out)
     source = open_source(data)
     n = len(source)

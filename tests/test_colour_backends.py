@@ -146,11 +146,11 @@ def test_cli_names_the_key_when_numba_is_missing(monkeypatch: pytest.MonkeyPatch
                                                  capsys: pytest.CaptureFixture[str],
                                                  tmp_path: Path) -> None:
     """`pirl pretrain ... colour_backend=numba` without numba: a one-line error (exit 2) that
-    names the key and the fix, before any training step."""
+    names the key and the fix, before the run folder is created."""
     monkeypatch.setattr(augment, "numba_available", lambda: False)
     code = main(["pretrain", "--data", "synthetic", "--preset", "demo", "--epochs", "1",
                  "--out", str(tmp_path / "run"), "views.colour_backend=numba"])
     err = capsys.readouterr().err
     assert code == 2
     assert "views.colour_backend='numba' needs numba" in err and "pirl[fast]" in err
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run").exists()  # nothing written: the fixed command starts clean
