@@ -11,7 +11,8 @@ per sample.
 
 Two implementations (``views.colour_backend``): ``torch`` (:func:`colour_jobs`: batched,
 cache-blocked torch operations; always there) and ``numba`` (:mod:`pirl.data._colour_numba`: the
-same formulas compiled into one loop per image row, ~2.5x faster; ``pip install pirl[fast]``).
+same formulas compiled into one loop per image row; ``pip install pirl[fast]``; the batched
+views 1.6x faster per image, ``benchmarks/views.py``).
 ``auto`` (the default) takes numba when it is installed.  They agree to float rounding.
 
 Randomness comes from ``torch``'s generator (the global one unless a ``torch.Generator`` is
@@ -747,7 +748,8 @@ def flip_items_(v: Tensor, flips: Sequence[bool]) -> Tensor:
 
 # The implementations of the colour augmentation (``views.colour_backend``): "torch" is
 # colour_jobs above; "numba" (pirl.data._colour_numba, ``pip install pirl[fast]``) computes the
-# same formulas in one compiled pass per row, ~2.5x faster; "auto" takes numba when installed.
+# same formulas in one compiled pass per row (views 1.6x faster); "auto" takes numba when
+# installed.
 # The names: COLOUR_BACKENDS (pirl.config).
 
 
