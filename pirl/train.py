@@ -194,8 +194,9 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
             of interrupted runs.
     """
     env = setup_distributed(device)
-    # A missing colour backend fails before the run folder is touched.
-    resolve_colour_backend(cfg.views.colour_backend)
+    # Resolved (numba's kernel imported) before the run folder is touched, so a missing numba
+    # leaves nothing behind, and before any DataLoader worker forks.
+    colour_backend = resolve_colour_backend(cfg.views.colour_backend)
     out = prepare_run_dir(out) if env.is_main else Path(out)
     source = open_source(data)
     n = len(source)
@@ -298,14 +299,13 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     if workers < cfg.train.workers and env.is_main:
         log.info("train.workers=%d exceeds the %d CPU(s) available; using %d",
                  cfg.train.workers, workers, workers)
-    # Resolved (and the numba kernel compiled) once, here, before any worker forks.  The
-    # backends agree to float rounding only, so the log says which one drew this run's pixels.
-    collate = ColourCollate(backend=cfg.views.colour_backend)
+    # The backends agree to float rounding only, so the log says which one drew the pixels.
+    collate = ColourCollate(backend=colour_backend)
     if env.is_main:
-        log.info("colour augmentation: %s backend (views.colour_backend=%s)", collate.backend,
+        log.info("colour augmentation: %s backend (views.colour_backend=%s)", colour_backend,
                  cfg.views.colour_backend)
     logger.log({"kind": "event", "step": state.step, "epoch": state.epoch,
-                "event": "colour_backend", "colour_backend": collate.backend})
+                "event": "colour_backend", "colour_backend": colour_backend})
     last: dict[str, Any] = {}
     steps_this_call = 0
     with _StopFlag() as stop:

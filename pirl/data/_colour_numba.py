@@ -4,10 +4,11 @@ Imported only when the backend is used (``pip install pirl[fast]``).  The import
 kernel the first time (~5 s; numba caches it on disk next to this file, or in its user cache
 where this folder is read-only) and later loads it from that cache (~0.5 s with numba's import).
 
-:func:`colour_jobs` here does what :func:`pirl.data.augment.colour_jobs` followed by
-:func:`pirl.data.augment.flip_job_outputs_` do, with the same formulas (torchvision's
-``ColorJitter`` operations, the closed-form hue of :func:`pirl.data.augment._shift_hue`, grayscale
-after the jitter, round half to even once at the end), so the two backends agree to float rounding:
+:func:`photometric_jobs` here is :func:`pirl.data.augment.photometric_jobs` for this backend
+(what :func:`pirl.data.augment.colour_jobs` and :func:`pirl.data.augment.flip_job_outputs_` do),
+with the same formulas (torchvision's ``ColorJitter`` operations, the closed-form hue of
+:func:`pirl.data.augment._shift_hue`, grayscale after the jitter, round half to even once at the
+end), so the two backends agree to float rounding:
 a few pixel values in a million differ by one grey level (``tests/test_colour_backends.py``).
 
 Why it is faster than the torch backend: every operation runs over one image row (at most a few
@@ -56,8 +57,8 @@ def _hue_row(t: np.ndarray, W: int, a: np.ndarray, b: np.ndarray, half: np.float
     a0, a1, a2, b0, b1, b2 = a[0], a[1], a[2], b[0], b[1], b[2]
     for x in range(W):
         r, g, bl = t[0, x], t[1, x], t[2, x]
-        # The channels by index, as selects (indexing t by a loop-invariant row stops the
-        # vectoriser: the loop ran ~10x slower).
+        # The channels by index, as selects (indexing t by a loop-invariant row stopped the
+        # vectoriser: ~10x slower in a scratch timing).
         xa0 = r if a0 == 0 else (g if a0 == 1 else bl)
         xa1 = r if a1 == 0 else (g if a1 == 1 else bl)
         xa2 = r if a2 == 0 else (g if a2 == 1 else bl)
@@ -88,20 +89,14 @@ def _apply_ops(t: np.ndarray, W: int, order: np.ndarray, first: int, last: int,
     = (1 - c) times the item's mean luma."""
     for k in range(first, last):
         op = order[k]
-        if op == 0:
-            f = fac[0]
+        if op <= 1:
+            # Brightness is contrast around 0: f x + 0 (adding +0.0 leaves f x exact).
+            f = fac[op]
+            add = offset if op == 1 else _ZERO
             if f != _ONE:
                 for ch in range(3):
                     for x in range(W):
-                        t[ch, x] = t[ch, x] * f
-                if f > _ONE:
-                    _clamp_row(t, W)
-        elif op == 1:
-            f = fac[1]
-            if f != _ONE:
-                for ch in range(3):
-                    for x in range(W):
-                        t[ch, x] = t[ch, x] * f + offset
+                        t[ch, x] = t[ch, x] * f + add
                 if f > _ONE:
                     _clamp_row(t, W)
         elif op == 2:
@@ -246,10 +241,9 @@ def _rows(H: int, W: int) -> np.ndarray:
     return rows
 
 
-def colour_jobs(jobs: Sequence[ColourJob]) -> None:
-    """Colour, grayscale and flip every job's sources into its outs: what
-    :func:`pirl.data.augment.colour_jobs` and :func:`pirl.data.augment.flip_job_outputs_` do
-    together (CPU tensors only; the caller checks the shapes)."""
+def photometric_jobs(jobs: Sequence[ColourJob]) -> None:
+    """Colour, grayscale and flip every job's sources into its outs: the numba backend of
+    :func:`pirl.data.augment.photometric_jobs` (CPU tensors only; the caller checks the jobs)."""
     for job in jobs:
         p = job.params
         # The parameters as the contiguous arrays the signature asks for (a few bytes each).

@@ -755,7 +755,9 @@ def flip_items_(v: Tensor, flips: Sequence[bool]) -> Tensor:
 
 @functools.cache
 def numba_available() -> bool:
-    """Whether the numba colour kernel can be imported (numba installed and working)."""
+    """Whether the numba colour kernel can be imported (numba installed and working).  The
+    import compiles the kernel, or loads it from numba's disk cache, so the first call does that
+    work: made in the parent process (ColourCollate), it is inherited by forked workers."""
     try:
         import pirl.data._colour_numba  # noqa: F401
     except ImportError:
@@ -777,19 +779,6 @@ def resolve_colour_backend(backend: str) -> str:
     return backend
 
 
-def warm_up_colour_backend(backend: str) -> str:
-    """Resolve ``backend`` and, for numba, run the kernel once on a tiny view so that it is
-    compiled (or loaded from numba's disk cache) now: in the parent process, before DataLoader
-    workers fork, rather than in every worker.  Returns the resolved name."""
-    resolved = resolve_colour_backend(backend)
-    if resolved == "numba":
-        x = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
-        p = Photometric(torch.tensor([[1.1, 0.9, 1.1, 0.1]]), torch.ones(1, dtype=torch.bool),
-                        torch.ones(1, dtype=torch.bool))
-        photometric_jobs([ColourJob([x], [x.clone()], p)], resolved)
-    return resolved
-
-
 def photometric_jobs(jobs: Sequence[ColourJob], backend: str = "auto") -> None:
     """Colour jitter, grayscale and flip every job's sources into its outs: one call for all the
     views of a sample, or of a batch of samples (:class:`ColourJob`).  ``backend``: one of
@@ -809,7 +798,7 @@ def photometric_jobs(jobs: Sequence[ColourJob], backend: str = "auto") -> None:
     if resolved == "numba":
         from pirl.data import _colour_numba
 
-        _colour_numba.colour_jobs(jobs)
+        _colour_numba.photometric_jobs(jobs)
         return
     _colour_checked_jobs(jobs, shapes)
     flip_job_outputs_(jobs)

@@ -41,10 +41,10 @@ from pirl.data.augment import (
     photometric_jobs,
     resize,
     resized_crop,
+    resolve_colour_backend,
     sample_crop_box,
     sample_photometric,
     to_uint8_tensor,
-    warm_up_colour_backend,
 )
 from pirl.data.jigsaw import JigsawParams, JigsawView, maximal_hamming_permutations
 
@@ -325,13 +325,13 @@ class ColourCollate:
     deferred colour go to ``inner`` unchanged.  Picklable; runs in the DataLoader workers.
 
     ``backend`` (``views.colour_backend``) is resolved here, in the process that builds the
-    DataLoader, and the numba kernel is compiled or loaded here too, so that forked workers
-    inherit it; ``self.backend`` is the resolved name ("numba" or "torch")."""
+    DataLoader; resolving imports the numba kernel (compiled or loaded from disk) there, so that
+    forked workers inherit it; ``self.backend`` is the resolved name ("numba" or "torch")."""
 
     def __init__(self, inner: Callable[[list[Any]], Any] = default_collate,
                  backend: str = "auto") -> None:
         self.inner = inner
-        self.backend = warm_up_colour_backend(backend)
+        self.backend = resolve_colour_backend(backend)
 
     def __call__(self, batch: list[dict[str, Any] | None]) -> Any:
         deferred = [b for b in batch if b is not None and COLOUR_KEY in b]
