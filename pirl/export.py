@@ -3,7 +3,7 @@
 Exporting
 ---------
 ``export_trunk(model_or_state, format, out)`` writes the trunk phi only (heads are dropped for
-transfer, PIRL.md) in one of :data:`EXPORT_FORMATS`:
+transfer, docs/method.md) in one of :data:`EXPORT_FORMATS`:
 
 ``torchvision``
     A plain state dict that loads into ``torchvision.models.resnetXX()`` with

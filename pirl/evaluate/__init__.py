@@ -1,4 +1,4 @@
-"""Evaluation protocols of PIRL.md ("Evaluation protocols"), one module each.
+"""Evaluation protocols (docs/method.md, "Evaluation protocols"), one module each.
 
 Every protocol takes a frozen (or, for fine-tuning, copied) trunk, image sources and the
 evaluation view geometry, and returns a JSON-able result dict; ``pirl eval <protocol>``
@@ -9,7 +9,7 @@ run_knn         NPID weighted kNN vote on frozen features: top-1 / top-5
 run_linear      linear probe on frozen conv1..res5 (Table 7 with every stage), trunk hash-checked
 run_svm         one-vs-rest linear SVMs, cost by cross-validation on the train split: mAP, top-1
 run_finetune    whole-network fine-tuning on a class-balanced 1% / 10% label subset
-run_invariance  ||rep(I) - rep(I^t)|| distributions, several checkpoints on one histogram (Fig. 5)
+run_invariance  ||rep(I) - rep(I^t)|| distributions, several checkpoints on one histogram (Fig. 4)
 run_neighbors   PNG grid of val queries and their nearest training images
 ==============  ===============================================================================
 

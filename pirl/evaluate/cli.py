@@ -120,7 +120,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="fine-tuning minibatch (a 1%% subset may hold only ~100 images)")
 
     p = sub.add_parser("invariance", help="distance between representations of I and I^t, "
-                       "histograms of several checkpoints overlaid (PIRL Fig. 5)")
+                       "histograms of several checkpoints overlaid (PIRL Fig. 4)")
     _common(p, False, True)
     p.add_argument("--png", default="invariance.png", help="histogram file name inside --out")
 

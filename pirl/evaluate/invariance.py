@@ -1,10 +1,10 @@
-"""Invariance of representations to the jigsaw transformation (PIRL Fig. 5).
+"""Invariance of representations to the jigsaw transformation (PIRL Fig. 4).
 
 For every image I of a split:
 
 * **trunk distance** (any method): ``|| u(phi(I)) - u(mean_k phi(patch_k)) ||`` where phi is the
   trunk's pooled res5 feature, I is the centre-crop evaluation view, patch_1..P are the P patches
-  of one jigsaw view I^t (PIRL.md "Views": random crop, grid, per-patch offsets and photometric
+  of one jigsaw view I^t (docs/method.md, "Views": random crop, grid, per-patch offsets and photometric
   augmentation) and u(v) = v / ||v||.  Taking the *mean* patch feature makes the measure
   independent of the patch order and of any head, so PIRL, NPID, Jigsaw, Rotation, supervised and
   random trunks are all measured alike.
@@ -16,8 +16,8 @@ For every image I of a split:
 Both distances lie in [0, 2] (0 = identical directions, sqrt(2) = orthogonal).  Every image's
 random jigsaw view is seeded by (seed, image index), so all checkpoints see *the same* patches.
 The histogram PNG overlays the checkpoints (left panel: trunk distance; right panel, when a PIRL
-checkpoint is among them: head distance).  PIRL.md: PIRL's distribution must sit well left of
-Jigsaw's.
+checkpoint is among them: head distance).  In the paper's Fig. 4, PIRL's distribution sits well
+left of Jigsaw's (docs/method.md, "Evaluation protocols").
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _summary(d: Tensor) -> dict[str, Any]:
 
 def plot_invariance(per_model: dict[str, dict[str, Tensor]], out_png: str | Path,
                     title: str = "") -> Path:
-    """Overlaid distance histograms (PIRL Fig. 5 form); one panel per distance kind present."""
+    """Overlaid distance histograms (PIRL Fig. 4 form); one panel per distance kind present."""
     import matplotlib
 
     matplotlib.use("Agg")
