@@ -8,7 +8,10 @@ protocol's own JSON / PNG stays in ``<out>/<which>-<protocol>/``.
 
     python benchmarks/protocols.py --checkpoint .cache/quality/runs/pirl/checkpoint.pt \\
         --train-data .cache/quality/data/imagenette-96-train-200pc.tar \\
-        --val-data ../shared/data/imagenette-96/val.tar --preset imagenette-small
+        --val-data $PIRL_DATA/imagenette-96/val.tar --preset imagenette-small
+
+``--train-data`` / ``--val-data`` default to ``imagenette-96/train.tar`` / ``val.tar`` under
+``--data-root`` (default: the environment variable ``PIRL_DATA``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pirl.bench import add_data_root_argument, data_root
 
 # protocol -> (extra arguments, JSON file, [(row label, key path in the JSON)])
 PROTOCOLS: dict[str, tuple[list[str], str, list[tuple[str, tuple[str, ...]]]]] = {
@@ -56,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True, help="the pretrained checkpoint")
     ap.add_argument("--arch", default="resnet18", help="architecture of the random-init trunk")
     ap.add_argument("--small-stem", action="store_true", help="random-init trunk: small stem")
-    ap.add_argument("--train-data", required=True)
-    ap.add_argument("--val-data", required=True)
+    add_data_root_argument(ap, "imagenette-96/train.tar and val.tar")
+    ap.add_argument("--train-data", default=None,
+                    help="ImageFolder folder or .tar (default: DATA_ROOT/imagenette-96/train.tar)")
+    ap.add_argument("--val-data", default=None,
+                    help="ImageFolder folder or .tar (default: DATA_ROOT/imagenette-96/val.tar)")
     ap.add_argument("--preset", default="imagenette-small", help="views (image size) preset")
     ap.add_argument("--workers", default="1")
     ap.add_argument("--out", default=".cache/protocols")
     args = ap.parse_args(argv)
+    if args.train_data is None or args.val_data is None:
+        root = data_root(args.data_root, "protocols.py") / "imagenette-96"
+        args.train_data = args.train_data or str(root / "train.tar")
+        args.val_data = args.val_data or str(root / "val.tar")
     out = Path(args.out)
     common = ["--train-data", args.train_data, "--val-data", args.val_data, "--preset",
               args.preset, "--quiet", "--workers", args.workers]

@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout: import the pac
     sys.path.insert(0, str(REPO))
 
 from pirl import config as C  # noqa: E402
+from pirl.bench import add_data_root_argument, data_root  # noqa: E402
 from pirl.data.datasets import ImageSource, TarSource, open_source  # noqa: E402
 from pirl.evaluate.features import EvalSettings  # noqa: E402
 from pirl.evaluate.knn import run_knn  # noqa: E402
@@ -52,7 +53,7 @@ from pirl.evaluate.metrics import markdown_table  # noqa: E402
 
 log = logging.getLogger("quality")
 
-DATA = REPO.parent / "shared" / "data" / "imagenette-96"
+DATASET = "imagenette-96"  # under --data-root / $PIRL_DATA: train.tar and val.tar
 
 # What distinguishes each method; everything else comes from the shared config.  NPID / NPID++
 # are the paper's 4,096 / 32,000 negatives (capped at |D| - 1 on a smaller dataset).
@@ -103,7 +104,7 @@ def write_subset(src: ImageSource, per_class: int, dest: Path) -> Path:
     if per_class < 1:
         raise ValueError(f"--subset {per_class}: need at least 1 image per class")
     if not isinstance(src, TarSource):
-        raise ValueError(f"{src!r}: --subset reads an ImageFolder .tar (as in ../shared/data)")
+        raise ValueError(f"{src!r}: --subset reads an ImageFolder .tar")
     if dest.exists():
         return dest
     seen: dict[int, int] = {}
@@ -238,8 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images per class (0 = the whole training split)")
     p.add_argument("--val-subset", type=int, default=DEFAULT_VAL_SUBSET,
                    help="val images per class (0 = the whole val split)")
-    p.add_argument("--train-data", default=str(DATA / "train.tar"), help="ImageFolder .tar")
-    p.add_argument("--val-data", default=str(DATA / "val.tar"), help="ImageFolder .tar")
+    add_data_root_argument(p, f"{DATASET}/train.tar and val.tar")
+    p.add_argument("--train-data", default=None,
+                   help=f"ImageFolder .tar (default: DATA_ROOT/{DATASET}/train.tar)")
+    p.add_argument("--val-data", default=None,
+                   help=f"ImageFolder .tar (default: DATA_ROOT/{DATASET}/val.tar)")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="config override applied to every method (repeatable)")
     p.add_argument("--knn-k", type=int, default=200, help="k of the kNN vote")
@@ -262,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to ``<out>/results.json``."""
     args = build_parser().parse_args(argv)
+    if args.train_data is None or args.val_data is None:
+        root = data_root(args.data_root, "quality.py") / DATASET
+        args.train_data = args.train_data or str(root / "train.tar")
+        args.val_data = args.val_data or str(root / "val.tar")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pirl").setLevel(logging.WARNING)
     if args.quick:

@@ -27,6 +27,7 @@ The 64-px preset (tiny64-r18) cuts 18-px patches from 24-px cells; ``--patch 21`
 geometry (72-px jigsaw crop, 24-px cells) and cuts 21-px patches instead.
 
     python benchmarks/train_step.py [--steps 3] [--rounds 5] [--data PATH.tar --workers 2]
+    python benchmarks/train_step.py --data $PIRL_DATA/imagenette-96/train.tar --workers 1
     python benchmarks/train_step.py --device cuda --arch resnet50 --image-size 224 --patch 64 \\
         --batch 256 --bank 1281167
 """
@@ -58,7 +59,6 @@ from pirl.models.pirl import build_model
 from pirl.schedule import build_optimizer
 
 PYCONTRAST_SAMPLES_S = 38.0  # issue 6: PyContrast, this machine kind, same setting
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / "../shared/data/imagenette-96/train.tar"
 
 Batch = dict[str, Tensor]
 
@@ -349,7 +349,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per step kind")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--data", default=None, help="ImageFolder .tar (or folder) for the "
-                    f"real-data timing, e.g. {DEFAULT_DATA.resolve()}")
+                    "real-data timing, e.g. $PIRL_DATA/imagenette-96/train.tar")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for --data")
     ap.add_argument("--compile", action="store_true", help="also time the PIRL and trunk-only "
                     "steps with torch.compile'd trunks")

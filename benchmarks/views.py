@@ -24,6 +24,9 @@ grayscale 0.2, flip 0.5).  The rounds alternate between the pipelines so that lo
 processes on the machine hits all alike; ms/image is the median over rounds.
 
     python benchmarks/views.py [--rounds 15] [--per-round 40] [--batch 32] [--image PATH_OR_TAR]
+
+The image is the first of ``imagenette-96/val.tar`` under ``--data-root`` (default: the
+environment variable ``PIRL_DATA``) unless ``--image`` names one; with neither, smooth noise.
 """
 
 from __future__ import annotations
@@ -55,13 +58,14 @@ from pirl.data.views import (
     build_train_transform,
 )
 
-DEFAULT_TAR = Path(__file__).resolve().parents[1] / "../shared/data/imagenette-96/val.tar"
+DEFAULT_TAR = "imagenette-96/val.tar"  # under --data-root / $PIRL_DATA
 
 
-def load_input(path: str | None, side: int = 256) -> Image.Image:
-    """A decoded RGB image of ``side x side``: the first JPEG of a tar / an image file, resized;
-    random smooth noise when nothing is found (the timing hardly depends on the content)."""
-    candidate = Path(path) if path else DEFAULT_TAR
+def load_input(path: str | None, side: int = 256, data_root: str | None = None) -> Image.Image:
+    """A decoded RGB image of ``side x side``: the first JPEG of a tar / an image file (``path``,
+    else ``data_root/imagenette-96/val.tar``), resized; random smooth noise when nothing is found
+    (the timing hardly depends on the content)."""
+    candidate = Path(path) if path else Path(data_root or ".") / DEFAULT_TAR
     img: Image.Image | None = None
     if candidate.is_file() and candidate.suffix == ".tar":
         with tarfile.open(candidate) as tar:
@@ -74,6 +78,9 @@ def load_input(path: str | None, side: int = 256) -> Image.Image:
     elif candidate.is_file():
         img = Image.open(candidate).convert("RGB")
     if img is None:
+        why = (f"{candidate} not found" if path or data_root else "no image (set PIRL_DATA to "
+               "the folder holding imagenette-96/val.tar, or pass --data-root DIR or --image PATH)")
+        print(f"views.py: {why}: timing on smooth noise")
         rng = np.random.default_rng(0)
         small = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
         img = Image.fromarray(small)
@@ -163,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="images per batch of the batched "
                     "colour row (per round: per-round // batch batches, at least one)")
     ap.add_argument("--image", default=None, help="image file or ImageFolder tar to take one "
-                    "image from (default: imagenette-96 val.tar; noise if missing)")
+                    "image from (default: DATA_ROOT/imagenette-96/val.tar; noise if missing)")
+    ap.add_argument("--data-root", default=os.environ.get("PIRL_DATA") or None, metavar="DIR",
+                    help="folder holding imagenette-96/val.tar (default: $PIRL_DATA)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one process, one core: the per-worker cost
     torch.manual_seed(0)
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = {b: Config() for b in backends}
     for b, c in configs.items():
         c.views.colour_backend = b
-    img = load_input(args.image)
+    img = load_input(args.image, data_root=args.data_root)
     best = configs[backends[-1]].views
     image_view, jigsaw_view = ImageView(best), JigsawView(best)
     pipelines: dict[str, Callable[[Image.Image], object]] = {

@@ -1,4 +1,4 @@
-"""``pirl bench``: run the speed benchmarks of issue 6 and print their markdown tables.
+"""``pirl bench``: run the speed benchmarks and print their markdown tables.
 
 The benchmarks are scripts in the repository's ``benchmarks/`` folder (they are not part of the
 installed package); this command finds that folder next to the package and runs them, passing
@@ -11,12 +11,18 @@ the remaining arguments on:
 
 ``pirl bench NAME --help`` lists a benchmark's own options.  docs/performance.md has the tables
 and the exact commands that produced them.
+
+Benchmarks that read real images find them under one data folder: ``--data-root DIR``, or the
+environment variable ``PIRL_DATA`` (the folder holding e.g. ``imagenette-96/train.tar``; the
+README's "Data" section says how to make it).  :func:`add_data_root_argument` and
+:func:`data_root` are that plumbing, shared by the scripts.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +30,26 @@ from typing import Any
 
 # name on the command line -> script in benchmarks/
 BENCHMARKS = {"views": "views", "loss": "loss_bank", "train-step": "train_step"}
+
+# The environment variable naming the folder that holds the datasets (imagenette-96/train.tar ...).
+DATA_ENV = "PIRL_DATA"
+
+
+def add_data_root_argument(ap: argparse.ArgumentParser, what: str) -> None:
+    """``--data-root DIR``, defaulting to ``$PIRL_DATA`` (None when the variable is unset or
+    empty); ``what`` says what the script reads from it (for the help text)."""
+    ap.add_argument("--data-root", default=os.environ.get(DATA_ENV) or None, metavar="DIR",
+                    help=f"folder holding {what} (default: ${DATA_ENV})")
+
+
+def data_root(value: str | None, script: str) -> Path:
+    """The data folder given by ``--data-root`` / ``$PIRL_DATA``, or exit with one line saying how
+    to set it."""
+    if not value:
+        raise SystemExit(f"{script}: no data folder: set {DATA_ENV} to the folder holding "
+                         f"imagenette-96/train.tar and val.tar (export {DATA_ENV}=/path/to/data) "
+                         "or pass --data-root DIR")
+    return Path(value)
 
 
 class BenchmarkNotFoundError(FileNotFoundError):

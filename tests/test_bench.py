@@ -122,3 +122,26 @@ def test_train_step_refuses_a_bank_smaller_than_the_data() -> None:
     cfg = ts.build_config(ap.parse_args(["--image-size", "32", "--patch", "0", "--batch", "3"]))
     with pytest.raises(SystemExit, match="--bank 64 rows; pass --bank 2000"):
         next(ts.loader_batches(cfg, "synthetic", 0, torch.device("cpu"), bank_rows=64))
+
+
+def test_data_root_comes_from_pirl_data_or_fails_with_one_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks' data folder: --data-root, else $PIRL_DATA; with neither, one line naming
+    the variable and how to set it (and no default pointing into this team's machines)."""
+    from pirl.bench import DATA_ENV, add_data_root_argument, data_root
+
+    monkeypatch.setenv(DATA_ENV, "/data/here")
+    ap = argparse.ArgumentParser()
+    add_data_root_argument(ap, "imagenette-96/train.tar")
+    assert ap.parse_args([]).data_root == "/data/here"
+    assert ap.parse_args(["--data-root", "/elsewhere"]).data_root == "/elsewhere"
+    assert str(data_root("/data/here", "x.py")) == "/data/here"
+    monkeypatch.delenv(DATA_ENV)
+    ap = argparse.ArgumentParser()
+    add_data_root_argument(ap, "imagenette-96/train.tar")
+    assert ap.parse_args([]).data_root is None
+    with pytest.raises(SystemExit) as err:
+        data_root(None, "quality.py")
+    msg = str(err.value)
+    assert "\n" not in msg and "PIRL_DATA" in msg and "export PIRL_DATA=" in msg
+    assert "--data-root" in msg and msg.startswith("quality.py: ")
