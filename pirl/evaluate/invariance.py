@@ -4,8 +4,8 @@ For every image I of a split:
 
 * **trunk distance** (any method): ``|| u(phi(I)) - u(mean_k phi(patch_k)) ||`` where phi is the
   trunk's pooled res5 feature, I is the centre-crop evaluation view, patch_1..P are the P patches
-  of one jigsaw view I^t (docs/method.md, "Views": random crop, grid, per-patch offsets and photometric
-  augmentation) and u(v) = v / ||v||.  Taking the *mean* patch feature makes the measure
+  of one jigsaw view I^t (docs/method.md, "Views": random crop, grid, per-patch offsets and
+  photometric augmentation) and u(v) = v / ||v||.  Taking the *mean* patch feature makes the measure
   independent of the patch order and of any head, so PIRL, NPID, Jigsaw, Rotation, supervised and
   random trunks are all measured alike.
 * **head distance** (PIRL checkpoints only): ``|| f(v_I) - g(v_I^t) ||`` with both embeddings
