@@ -1,8 +1,9 @@
 """``pirl data check``: find every file in a dataset that training would skip.
 
 Every image is decoded in full (truncation only shows when the last pixels are decoded), so a
-clean report means no image will be skipped.  Serial on purpose: a 96-px ImageNette train split
-(9,469 JPEGs) takes a few seconds; full ImageNet takes minutes and is worth a progress bar.
+clean report means no image will be skipped.  Serial on purpose: small images decode fast enough
+without workers (the time for Imagenette-96's train split: docs/performance.md, "Measurements
+behind design choices"); on a large dataset the progress bar shows how far it got.
 """
 
 from __future__ import annotations

@@ -235,7 +235,8 @@ def trunk_fingerprint(trunk: nn.Module) -> str:
 
     Two trunks with the same fingerprint compute the same features; any change to any weight or
     BatchNorm statistic changes it.  This is also how the linear probe proves the trunk stayed
-    frozen.  Costs one pass over the weights (~0.1 s for a ResNet-50).
+    frozen.  Costs one hashing pass over the weights (its time for a ResNet-50: docs/performance.md,
+    "Measurements behind design choices").
     """
     h = hashlib.blake2b(digest_size=16)
     for name, t in trunk.state_dict().items():

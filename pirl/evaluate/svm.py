@@ -39,7 +39,8 @@ DEFAULT_COSTS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
 def _svc(cost: float, dual: bool) -> Any:
     """liblinear's L2-regularised squared-hinge SVM.  ``dual`` must be False when there are more
     samples than dimensions (res5 on a few thousand images): the dual coordinate descent then
-    needs ~100x more iterations at large costs (27 s vs 2.7 s for C = 100 on 9.5k x 512)."""
+    needs far more iterations at large costs (docs/performance.md, "Measurements behind design
+    choices")."""
     from sklearn.svm import LinearSVC
 
     return LinearSVC(C=cost, class_weight={1: 2.0, 0: 1.0}, loss="squared_hinge", penalty="l2",
