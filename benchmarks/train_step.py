@@ -8,8 +8,9 @@ excluded), with the same ResNet trunk and heads:
   bank (``objective.loss``, ``objective.negatives``), backward, SGD step, bank update.
 * ``reference``: the same model and loss written the straightforward way in this file: gather the
   ``B x N`` negatives' bank rows into one ``[B, N, D]`` tensor, score them with a batched matrix
-  product, the NCE loss of PIRL.md as the formula reads (``h = e^a / (e^a + S)``, ``S = sum_j
-  e^(a_j)``, ``loss = -log h_p - sum_j log(1 - h_j)``, left to autograd), then backward, step,
+  product, the paper's NCE loss as the formula reads (docs/method.md: ``h = e^a / (e^a + S)``,
+  ``S = sum_j e^(a_j)``, ``loss = -log h_p - sum_j log(1 - h_j)``, left to autograd), then
+  backward, step,
   and the momentum update of the bank.  (The published PyContrast number in the
   issue, 38 samples/s on this machine kind, cannot be re-measured here: PyContrast is not
   installed and the machine has no network; its ratio below uses that published number.)
