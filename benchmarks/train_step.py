@@ -10,8 +10,7 @@ excluded), with the same ResNet trunk and heads:
   ``B x N`` negatives' bank rows into one ``[B, N, D]`` tensor, score them with a batched matrix
   product, the paper's NCE loss as the formula reads (docs/method.md: ``h = e^a / (e^a + S)``,
   ``S = sum_j e^(a_j)``, ``loss = -log h_p - sum_j log(1 - h_j)``, left to autograd), then
-  backward, step,
-  and the momentum update of the bank.  (The published PyContrast number in the
+  backward, step, and the momentum update of the bank.  (The published PyContrast number in the
   issue, 38 samples/s on this machine kind, cannot be re-measured here: PyContrast is not
   installed and the machine has no network; its ratio below uses that published number.)
 * ``trunk only``: the trunk's own forward + backward + SGD step on the same pixels (the image
