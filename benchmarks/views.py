@@ -45,7 +45,6 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from pirl.config import Config, ViewConfig
-from pirl.data.augment import numba_available
 from pirl.data.jigsaw import JigsawView
 from pirl.data.views import (
     IMAGENET_MEAN,
@@ -54,6 +53,7 @@ from pirl.data.views import (
     ImageView,
     build_train_transform,
 )
+from pirl.kernels.colour import numba_available
 
 DEFAULT_TAR = Path(__file__).resolve().parents[1] / "../shared/data/imagenette-96/val.tar"
 
