@@ -201,7 +201,7 @@ def _worker_message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pirl`` console script and ``python -m pirl``."""
     from pirl.checkpoint import CheckpointError
-    from pirl.data.datasets import DatasetError, UnreadableDataError
+    from pirl.data.source import DatasetError, UnreadableDataError
     from pirl.logs import setup_logging
 
     parser = build_parser()

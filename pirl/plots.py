@@ -331,7 +331,7 @@ def show_views(source: _Source | Sequence[Image.Image], cfg: Config, out: str, n
     """Draw ``n`` images, one per row: the original, its image view, and its jigsaw patches in
     the order the network receives them, each titled with the grid cell it was cut from.
 
-    ``source`` is an :class:`~pirl.data.datasets.ImageSource` (anything with ``len`` and
+    ``source`` is an :class:`~pirl.data.source.ImageSource` (anything with ``len`` and
     ``load(i)``) or a sequence of PIL images; the rows are spread evenly over it, so an
     ImageFolder (sorted by class) shows several classes.  Writes a PNG to ``out``.
     """
