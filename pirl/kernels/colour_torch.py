@@ -404,7 +404,7 @@ def colour_jobs(jobs: Sequence[ColourJob]) -> None:
 
 
 def colour_checked_jobs(jobs: Sequence[ColourJob],
-                         shapes: list[tuple[tuple[int, int, int], ...]]) -> None:
+                        shapes: list[tuple[tuple[int, int, int], ...]]) -> None:
     """:func:`colour_jobs` after :func:`~pirl.kernels.colour_job.check_jobs` (``shapes``: what it
     returned)."""
     device = jobs[0].sources[0].device
