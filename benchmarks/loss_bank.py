@@ -5,8 +5,8 @@ NCE loss, one query per sample as in NPID / the issue's reference measurement):
 
 * ``naive per-sample``: gather the ``[B,N,D]`` negatives, then a batched matrix product (the class
   of implementation of NPID / VISSL; the reference the targets are measured against);
-* ``fast per-sample``: :func:`pirl.memory_bank.gather_scores` (chunked gather, no ``[B,N,D]``
-  kept, backward by a weighted ``embedding_bag`` or a chunked re-gather);
+* ``fast per-sample``: :func:`pirl.kernels.bank_scores.gather_scores` (chunked gather, no
+  ``[B,N,D]`` kept, backward by a weighted ``embedding_bag`` or a chunked re-gather);
 * ``shared``: one ``[N,D]`` gather and one matrix product for the whole batch;
 
 each with a float32 and a float16 bank.  Forward = negative sampling + scores + loss; backward =
@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pirl.kernels.bank_scores import gather_scores, gather_scores_reference, shared_scores
 from pirl.losses import nce_from_logits
-from pirl.memory_bank import MemoryBank, gather_scores, gather_scores_reference, shared_scores
+from pirl.memory_bank import MemoryBank
 
 TAU = 0.07
 

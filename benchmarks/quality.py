@@ -44,7 +44,8 @@ if str(REPO) not in sys.path:  # run as a script from a checkout: import the pac
 
 from pirl import config as C  # noqa: E402
 from pirl.bench import add_data_root_argument, data_root  # noqa: E402
-from pirl.data.datasets import ImageSource, TarSource, open_source  # noqa: E402
+from pirl.data.datasets import TarSource, open_source  # noqa: E402
+from pirl.data.source import ImageSource  # noqa: E402
 from pirl.evaluate.features import EvalSettings  # noqa: E402
 from pirl.evaluate.knn import run_knn  # noqa: E402
 from pirl.evaluate.linear import run_linear  # noqa: E402

@@ -52,8 +52,8 @@ from torch import Tensor, nn
 
 from pirl import config as C
 from pirl.data import ColourCollate, ViewDataset, collate_views, open_source
-from pirl.data.augment import resolve_colour_backend
 from pirl.data.views import build_train_transform
+from pirl.kernels.colour import resolve_colour_backend
 from pirl.methods import Objective
 from pirl.models.pirl import build_model
 from pirl.schedule import build_optimizer

@@ -48,7 +48,6 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from pirl.config import Config, ViewConfig
-from pirl.data.augment import numba_available
 from pirl.data.jigsaw import JigsawView
 from pirl.data.views import (
     IMAGENET_MEAN,
@@ -57,6 +56,7 @@ from pirl.data.views import (
     ImageView,
     build_train_transform,
 )
+from pirl.kernels.colour import numba_available
 
 DEFAULT_TAR = "imagenette-96/val.tar"  # under --data-root / $PIRL_DATA
 

@@ -79,7 +79,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_show_views(args: argparse.Namespace) -> int:
     from pirl.data import open_source
-    from pirl.data.views import show_views
+    from pirl.plots import show_views
 
     cfg, _ = resolve_config(args)
     show_views(open_source(args.data), cfg, args.out, n=args.n, seed=args.seed)
@@ -201,7 +201,7 @@ def _worker_message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pirl`` console script and ``python -m pirl``."""
     from pirl.checkpoint import CheckpointError
-    from pirl.data.datasets import DatasetError, UnreadableDataError
+    from pirl.data.source import DatasetError, UnreadableDataError
     from pirl.logs import setup_logging
 
     parser = build_parser()

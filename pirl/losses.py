@@ -1,11 +1,11 @@
-"""The contrastive losses of PIRL.md ("Loss"), as pure functions.
+"""The contrastive losses of docs/method.md ("Loss"), as pure functions.
 
 Every loss exists at two levels:
 
 * ``*_from_logits(pos [B], neg [B,N])``: from the temperature-scaled scores ``a_p = s(q,p)/tau``
   and ``a_j = s(q,n_j)/tau``.  :class:`pirl.methods.Objective` uses these, because it computes
-  the scores against the memory bank with a fast gather (``pirl.memory_bank.gather_scores``) and
-  never materialises the ``[B,N,D]`` negatives.
+  the scores against the memory bank with a fast gather
+  (``pirl.kernels.bank_scores.gather_scores``) and never materialises the ``[B,N,D]`` negatives.
 * ``nce / infonce / nce_fixed_z(query [B,D], positive [B,D], negatives [B,N,D] | [N,D], tau)``:
   the public API of the issue: scores as dot products of L2-normalised vectors (= cosine
   similarity), then the ``*_from_logits`` function.  ``negatives`` of shape ``[N,D]`` are shared by

@@ -35,7 +35,8 @@ from torch import Tensor
 from pirl import losses as L
 from pirl.config import Config
 from pirl.distributed import all_gather_cat, all_gather_ragged, is_distributed
-from pirl.memory_bank import MemoryBank, gather_scores, shared_scores
+from pirl.kernels.bank_scores import gather_scores, shared_scores
+from pirl.memory_bank import MemoryBank
 
 BANK_METHODS = ("pirl", "npid")
 

@@ -1,8 +1,10 @@
-"""Training curves from run logs: ``pirl plot RUN_DIR [RUN_DIR ...] --out plot.png``.
+"""Figures: training curves from run logs (``pirl plot RUN_DIR [RUN_DIR ...] --out plot.png``)
+and the views of a few images (``pirl show-views``).
 
-One PNG with four panels -- loss terms, learning rate and throughput over training steps, kNN
-top-1 accuracy over epochs -- with several runs overlaid, one colour per run.  Drawn with
-matplotlib's Agg canvas directly (no pyplot), so it works headless and leaves the caller's
+:func:`plot_runs`: one PNG with four panels -- loss terms, learning rate and throughput over
+training steps, kNN top-1 accuracy over epochs -- with several runs overlaid, one colour per run.
+:func:`show_views`: images next to their image view and jigsaw patches.  Both are drawn with
+matplotlib's Agg canvas directly (no pyplot), so they work headless and leave the caller's
 backend alone.
 """
 
@@ -15,10 +17,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
 
+from pirl.config import Config
+from pirl.data.augment import to_uint8_tensor
+from pirl.data.jigsaw import JigsawView
+from pirl.data.views import ImageView
 from pirl.logs import LOG_NAME, LogFormatError, read_log
 
 log = logging.getLogger(__name__)
@@ -303,3 +312,63 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {out}")
     return 0
+
+
+# ----------------------------------------------------------------------------- views
+
+
+class _Source(Protocol):
+    def __len__(self) -> int: ...
+    def load(self, i: int) -> Image.Image: ...
+
+
+def _chw_to_hwc(x: Tensor) -> Any:
+    return x.permute(1, 2, 0).numpy()
+
+
+def show_views(source: _Source | Sequence[Image.Image], cfg: Config, out: str, n: int = 4,
+               seed: int = 0) -> None:
+    """Draw ``n`` images, one per row: the original, its image view, and its jigsaw patches in
+    the order the network receives them, each titled with the grid cell it was cut from.
+
+    ``source`` is an :class:`~pirl.data.source.ImageSource` (anything with ``len`` and
+    ``load(i)``) or a sequence of PIL images; the rows are spread evenly over it, so an
+    ImageFolder (sorted by class) shows several classes.  Writes a PNG to ``out``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    size = len(source)
+    if size == 0:
+        raise ValueError("show_views: the source holds no images")
+    n = min(n, size)
+    indices = sorted({round(i * (size - 1) / max(n - 1, 1)) for i in range(n)})
+    g = torch.Generator().manual_seed(seed)
+    image_view = ImageView(cfg.views, generator=g)
+    jigsaw_view = JigsawView(cfg.views, rotate=cfg.objective.pretext == "jigsaw+rotation",
+                             generator=g)
+    P, grid = jigsaw_view.num_patches, cfg.views.grid
+    cols = 2 + P
+    fig = Figure(figsize=(1.3 * cols, 1.5 * len(indices)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(indices), cols, squeeze=False)
+    for row, i in enumerate(indices):
+        img = source.load(i) if hasattr(source, "load") else source[i]
+        img = img.convert("RGB")
+        view = image_view(img)
+        patches, order = jigsaw_view(img)[:2]
+        assert isinstance(view, Tensor)
+        panels = [(_chw_to_hwc(to_uint8_tensor(img)), f"#{i} {img.width}x{img.height}"),
+                  (_chw_to_hwc(view), f"view {cfg.views.image_size}")]
+        for k, c in enumerate(order.tolist()):
+            panels.append((_chw_to_hwc(patches[k]), f"cell {c} ({c // grid},{c % grid})"))
+        for ax, (pixels, title) in zip(axes[row], panels, strict=True):
+            ax.imshow(pixels, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.suptitle(f"image view and {P} jigsaw patches (crop {cfg.views.jigsaw_crop}, cell "
+                 f"{cfg.views.cell}, patch {cfg.views.patch}); patches in network order",
+                 fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)

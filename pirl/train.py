@@ -31,7 +31,6 @@ from pirl.checkpoint import (
     set_rng_state,
 )
 from pirl.data import ViewDataset, open_source
-from pirl.data.augment import resolve_colour_backend
 from pirl.data.sampler import EpochSampler, SeededViews, seed_everything, usable_workers
 from pirl.data.views import (
     ColourCollate,
@@ -48,6 +47,7 @@ from pirl.distributed import (
     parameter_checksum,
     setup_distributed,
 )
+from pirl.kernels.colour import resolve_colour_backend
 from pirl.logs import LOG_NAME, RunLogger
 from pirl.methods import Objective
 from pirl.models.pirl import build_model

@@ -14,8 +14,8 @@ import torchvision.transforms.functional as TF
 import pirl.data.views
 from pirl import losses as L
 from pirl.bench import BENCHMARKS, add_bench_parser, load_benchmark
-from pirl.data.augment import _hue_cases, _round_to_uint8, _shift_hue
 from pirl.data.views import COLOUR_KEY, colour_batch
+from pirl.kernels.colour_torch import _hue_cases, _round_to_uint8, _shift_hue
 
 
 def test_round_to_uint8_is_round_half_even() -> None:

@@ -12,17 +12,15 @@ import torchvision.transforms.functional as TF
 
 from pirl.cli import main
 from pirl.config import Config, ConfigError, validate
-from pirl.data import augment
 from pirl.data.augment import (
-    ColourJob,
     Photometric,
     apply_photometric,
     identity_photometric,
-    numba_available,
-    photometric_jobs,
-    resolve_colour_backend,
     sample_photometric,
 )
+from pirl.kernels import colour
+from pirl.kernels.colour import numba_available, photometric_jobs, resolve_colour_backend
+from pirl.kernels.colour_job import GRAY_WEIGHTS, ColourJob
 
 needs_numba = pytest.mark.skipif(not numba_available(),
                                  reason="numba not installed (pip install 'pirl[fast]')")
@@ -93,7 +91,7 @@ def test_numba_contrast_uses_the_whole_item_mean() -> None:
     x[0, :, 4:] = 255
     p = Photometric(torch.tensor([[1.0, 0.0, 1.0, 0.0]]), torch.zeros(1, dtype=torch.bool),
                     torch.zeros(1, dtype=torch.bool))
-    mean = 0.5 * 255 * sum(augment.GRAY_WEIGHTS)
+    mean = 0.5 * 255 * sum(GRAY_WEIGHTS)
     for backend in ("numba", "torch"):
         out = apply_photometric(x, p, backend)
         assert torch.equal(out, torch.full_like(x, round(mean))), backend
@@ -108,7 +106,7 @@ def test_numba_flip_grayscale_and_strided_outputs() -> None:
     p = replace_flags(identity_photometric(2), gray=[False, True], flip=[True, False])
     photometric_jobs([ColourJob([x], [batch[1]], p)], "numba")
     assert torch.equal(batch[1, 0], x[0].flip(-1))
-    luma = sum(w * x[1, c].double() for c, w in enumerate(augment.GRAY_WEIGHTS))
+    luma = sum(w * x[1, c].double() for c, w in enumerate(GRAY_WEIGHTS))
     assert (batch[1, 1].double() - luma).abs().max() <= 0.5 + 1e-6
     assert torch.equal(batch[1, 1, 0], batch[1, 1, 2])
     assert not batch[0].any() and not batch[2].any()  # the other slices are untouched
@@ -132,7 +130,7 @@ def test_backend_resolution_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="views.colour_backend='fast'"):
         validate(cfg)
     # Without numba: auto falls back to torch, and asking for numba says how to install it.
-    monkeypatch.setattr(augment, "numba_available", lambda: False)
+    monkeypatch.setattr(colour, "numba_available", lambda: False)
     assert resolve_colour_backend("auto") == "torch"
     with pytest.raises(ValueError, match=r"pip install 'pirl\[fast\]'"):
         resolve_colour_backend("numba")
@@ -147,7 +145,7 @@ def test_cli_names_the_key_when_numba_is_missing(monkeypatch: pytest.MonkeyPatch
                                                  tmp_path: Path) -> None:
     """`pirl pretrain ... colour_backend=numba` without numba: a one-line error (exit 2) that
     names the key and the fix, before the run folder is created."""
-    monkeypatch.setattr(augment, "numba_available", lambda: False)
+    monkeypatch.setattr(colour, "numba_available", lambda: False)
     code = main(["pretrain", "--data", "synthetic", "--preset", "demo", "--epochs", "1",
                  "--out", str(tmp_path / "run"), "views.colour_backend=numba"])
     err = capsys.readouterr().err

@@ -27,7 +27,8 @@ from pirl.data import (
     collate_views,
     open_source,
 )
-from pirl.data.datasets import FolderSource, TarSource, to_rgb
+from pirl.data.datasets import FolderSource, TarSource
+from pirl.data.source import to_rgb
 from pirl.data.synthetic import CLASSES, render
 
 # ----------------------------------------------------------------------------- helpers

@@ -8,12 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pirl.memory_bank import (
-    MemoryBank,
-    gather_scores,
-    gather_scores_reference,
-    shared_scores,
-)
+from pirl.kernels.bank_scores import gather_scores, gather_scores_reference, shared_scores
+from pirl.memory_bank import MemoryBank
 
 
 def test_init_is_seeded_unit_rows() -> None:
@@ -176,7 +172,7 @@ def test_gather_scores_picks_dense_when_negatives_outnumber_rows(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The automatic choice: dense scores when B x N > |D| (float32 bank, scores small enough),
     the chunked gather otherwise."""
-    import pirl.memory_bank as mb
+    import pirl.kernels.bank_scores as mb
 
     used: list[str] = []
     for name in ("_DenseScores", "_GatherScores"):

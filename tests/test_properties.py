@@ -2,7 +2,7 @@
 never fails with anything but a one-line ConfigError.
 
 Images go through the training path exactly: encoded (PNG / TIFF / JPEG), decoded by
-:func:`pirl.data.datasets.decode_image` (which converts every mode to RGB), then the train
+:func:`pirl.data.source.decode_image` (which converts every mode to RGB), then the train
 transform of a preset and method.  Sizes range from 1x1 to 5000x3 and 3x5000.
 """
 
@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pirl import config as C
-from pirl.data.datasets import decode_image
 from pirl.data.jigsaw import maximal_hamming_permutations
 from pirl.data.sampler import seed_everything
+from pirl.data.source import decode_image
 from pirl.data.views import build_eval_transform, build_train_transform
 
 MODES = ("RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1", "YCbCr")

@@ -11,7 +11,7 @@ import torchvision
 
 from pirl import config as C
 from pirl.cli import main
-from pirl.data.augment import resolve_colour_backend
+from pirl.kernels.colour import resolve_colour_backend
 from pirl.train import pretrain
 
 

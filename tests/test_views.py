@@ -17,14 +17,9 @@ from torch.utils.data import default_collate
 
 from pirl.config import Config, ViewConfig, apply_mapping, view_preset
 from pirl.data.augment import (
-    ColourJob,
     Photometric,
     apply_photometric,
-    color_jitter_batch,
-    colour_jobs,
     identity_photometric,
-    numba_available,
-    photometric_jobs,
     sample_photometric,
 )
 from pirl.data.datasets import collate_views
@@ -42,8 +37,12 @@ from pirl.data.views import (
     build_train_transform,
     maximal_hamming_permutations,
     normalize,
-    show_views,
 )
+from pirl.kernels.colour import numba_available, photometric_jobs
+from pirl.kernels.colour_job import ColourJob
+from pirl.kernels.colour_reference import photometric_reference
+from pirl.kernels.colour_torch import color_jitter_batch, colour_jobs
+from pirl.plots import show_views
 
 PRESETS = (224, 96, 64, 32)
 # Both implementations of the colour augmentation; numba only where installed (it is in the dev
@@ -179,26 +178,6 @@ def test_image_view_geometry_without_photometric() -> None:
 
 
 # ------------------------------------------------------------------- batched colour jitter
-def _tv_item(x: torch.Tensor, f: list[float], order: tuple[int, ...], gray: bool,
-             flip: bool) -> torch.Tensor:
-    """torchvision's functional ops on one float image, in the given order; result x 255."""
-    y = x.float() / 255.0
-    if flip:
-        y = y.flip(-1)
-    for op in order:
-        if op == 0:
-            y = TF.adjust_brightness(y, f[0])
-        elif op == 1:
-            y = TF.adjust_contrast(y, f[1])
-        elif op == 2:
-            y = TF.adjust_saturation(y, f[2])
-        else:
-            y = TF.adjust_hue(y, f[3])
-    if gray:
-        y = TF.rgb_to_grayscale(y, 3)
-    return y * 255.0
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_color_jitter_identity(backend: str) -> None:
     x = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8)
@@ -264,8 +243,8 @@ def test_apply_photometric_mixed_sizes_matches_per_item_torchvision(backend: str
             out_image, out_patches = apply_photometric([image, patches], p, backend)
             items = [image[0], *patches]
             for i, (got, x) in enumerate(zip([out_image[0], *out_patches], items, strict=True)):
-                ref = _tv_item(x, p.factors[i].tolist(), p.jitter_order,
-                               bool(p.grayscale[i]), bool(p.flip[i]))
+                ref = photometric_reference(x, p.factors[i].tolist(), p.jitter_order,
+                                            bool(p.grayscale[i]), bool(p.flip[i]))
                 assert (got.float() - ref).abs().max() <= 0.51, (size, i, p.jitter_order)
             alone = apply_photometric(patches, p.index(slice(1, 10)), backend)
             assert isinstance(alone, torch.Tensor) and torch.equal(alone, out_patches)

@@ -3,17 +3,8 @@ its collate function, and the dataset checker.  Views themselves live in
 :mod:`pirl.data.views` / :mod:`pirl.data.jigsaw`."""
 
 from pirl.data.check import check_source
-from pirl.data.datasets import (
-    BadImageError,
-    DatasetError,
-    FolderSource,
-    ImageSource,
-    TarSource,
-    UnreadableDataError,
-    ViewDataset,
-    collate_views,
-    open_source,
-)
+from pirl.data.datasets import FolderSource, TarSource, ViewDataset, collate_views, open_source
+from pirl.data.source import BadImageError, DatasetError, ImageSource, UnreadableDataError
 from pirl.data.synthetic import SyntheticSource
 from pirl.data.views import ColourCollate
 

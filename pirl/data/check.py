@@ -12,7 +12,8 @@ import logging
 
 from tqdm import tqdm
 
-from pirl.data.datasets import BadImageError, decode_image, open_source
+from pirl.data.datasets import open_source
+from pirl.data.source import BadImageError, decode_image
 
 log = logging.getLogger(__name__)
 

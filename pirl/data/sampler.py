@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pirl.data.datasets import UnreadableDataError
+from pirl.data.source import UnreadableDataError
 
 log = logging.getLogger(__name__)
 

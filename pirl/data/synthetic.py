@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pirl.data.datasets import ImageSource
+from pirl.data.source import ImageSource
 
 SPLITS: tuple[str, ...] = ("train", "val")
 DEFAULT_SIZES: dict[str, int] = {"train": 2000, "val": 1000}

@@ -1,4 +1,4 @@
-"""The views the network sees (PIRL.md, "Views"), the train / eval transforms and ``show_views``.
+"""The views the network sees (docs/method.md, "Views") and the train / eval transforms.
 
 * Image view I: random resized crop to ``image_size`` (area ``image_scale_min``..1, aspect
   3/4..4/3), horizontal flip, colour jitter (with probability ``jitter_prob``), random grayscale.
@@ -10,12 +10,13 @@ Every view returns uint8 tensors (4x less traffic between DataLoader workers and
 float); :func:`normalize` turns them into ImageNet-normalised floats on whatever device they end on.
 Each transform converts a decoded PIL image to a uint8 tensor once and does all crops, resizes and
 colour operations on tensors; see :mod:`pirl.data.augment` for the batched colour jitter and its
-(small, documented) differences from torchvision's ``ColorJitter``.
+(small, documented) differences from torchvision's ``ColorJitter``.  ``pirl show-views`` draws
+them (:func:`pirl.plots.show_views`).
 
 Training defers the colour to the batch: ``TrainTransform(defer_colour=True)`` (in the DataLoader
 workers, seeded per sample) returns the geometric crops and the photometric parameters it drew, and
 :class:`ColourCollate` (the DataLoader's ``collate_fn``, also run in the workers) colours every view
-of the batch in one :func:`pirl.data.augment.photometric_jobs` call.  The pixels are bit for bit
+of the batch in one :func:`pirl.kernels.colour.photometric_jobs` call.  The pixels are bit for bit
 those of the per-sample path (``defer_colour=False``) for the same draws and the same colour
 backend (``views.colour_backend``).
 """
@@ -24,34 +25,31 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import default_collate, get_worker_info
 
 from pirl.config import Config, ViewConfig
 from pirl.data.augment import (
-    ColourJob,
     ImageLike,
     Photometric,
     apply_photometric,
-    photometric_jobs,
     resize,
     resized_crop,
-    resolve_colour_backend,
     sample_crop_box,
     sample_photometric,
     to_uint8_tensor,
 )
 from pirl.data.jigsaw import JigsawParams, JigsawView, maximal_hamming_permutations
+from pirl.kernels.colour import photometric_jobs, resolve_colour_backend
+from pirl.kernels.colour_job import ColourJob
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "ImageView", "ImageParams", "JigsawView",
     "JigsawParams", "RotationView", "maximal_hamming_permutations", "build_train_transform",
-    "build_eval_transform", "TrainTransform", "EvalTransform", "show_views", "COLOUR_KEY",
+    "build_eval_transform", "TrainTransform", "EvalTransform", "COLOUR_KEY",
     "DeferredColour", "ColourCollate", "colour_batch",
 ]
 
@@ -294,8 +292,8 @@ def _batch_tensor(like: Tensor, batch: int) -> Tensor:
 
 def colour_batch(samples: Sequence[dict[str, Any]], backend: str = "auto") -> dict[str, Tensor]:
     """Apply the deferred colour of ``samples`` (from ``TrainTransform(defer_colour=True)``, all
-    of one transform) in one :func:`pirl.data.augment.photometric_jobs` call with ``backend``
-    (one of :data:`pirl.data.augment.COLOUR_BACKENDS`).
+    of one transform) in one :func:`pirl.kernels.colour.photometric_jobs` call with ``backend``
+    (one of :data:`pirl.config.COLOUR_BACKENDS`).
 
     Returns ``{key: uint8 [B, *shape]}`` for every coloured key, contiguous, sample i at index i:
     bit for bit what ``defer_colour=False`` gives each sample.  The results are written straight
@@ -376,62 +374,3 @@ class EvalTransform:
 def build_eval_transform(cfg: ViewConfig) -> Callable[[ImageLike], Tensor]:
     """The evaluation transform (see :class:`EvalTransform`)."""
     return EvalTransform(cfg)
-
-
-class _Source(Protocol):
-    def __len__(self) -> int: ...
-    def load(self, i: int) -> Image.Image: ...
-
-
-def _chw_to_hwc(x: Tensor) -> Any:
-    return x.permute(1, 2, 0).numpy()
-
-
-def show_views(source: _Source | Sequence[Image.Image], cfg: Config, out: str, n: int = 4,
-               seed: int = 0) -> None:
-    """Draw ``n`` images, one per row: the original, its image view, and its jigsaw patches in
-    the order the network receives them, each titled with the grid cell it was cut from.
-
-    ``source`` is an :class:`~pirl.data.datasets.ImageSource` (anything with ``len`` and
-    ``load(i)``) or a sequence of PIL images; the rows are spread evenly over it, so an
-    ImageFolder (sorted by class) shows several classes.  Writes a PNG to ``out``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    size = len(source)
-    if size == 0:
-        raise ValueError("show_views: the source holds no images")
-    n = min(n, size)
-    indices = sorted({round(i * (size - 1) / max(n - 1, 1)) for i in range(n)})
-    g = torch.Generator().manual_seed(seed)
-    image_view = ImageView(cfg.views, generator=g)
-    jigsaw_view = JigsawView(cfg.views, rotate=cfg.objective.pretext == "jigsaw+rotation",
-                             generator=g)
-    P, grid = jigsaw_view.num_patches, cfg.views.grid
-    cols = 2 + P
-    fig, axes = plt.subplots(len(indices), cols, figsize=(1.3 * cols, 1.5 * len(indices)),
-                             squeeze=False)
-    for row, i in enumerate(indices):
-        img = source.load(i) if hasattr(source, "load") else source[i]
-        img = img.convert("RGB")
-        view = image_view(img)
-        patches, order = jigsaw_view(img)[:2]
-        assert isinstance(view, Tensor)
-        panels = [(_chw_to_hwc(to_uint8_tensor(img)), f"#{i} {img.width}x{img.height}"),
-                  (_chw_to_hwc(view), f"view {cfg.views.image_size}")]
-        for k, c in enumerate(order.tolist()):
-            panels.append((_chw_to_hwc(patches[k]), f"cell {c} ({c // grid},{c % grid})"))
-        for ax, (pixels, title) in zip(axes[row], panels, strict=True):
-            ax.imshow(pixels, interpolation="nearest")
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
-    fig.suptitle(f"image view and {P} jigsaw patches (crop {cfg.views.jigsaw_crop}, cell "
-                 f"{cfg.views.cell}, patch {cfg.views.patch}); patches in network order",
-                 fontsize=8)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)

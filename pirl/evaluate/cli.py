@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pirl import config as C
-from pirl.data.datasets import ImageSource
+from pirl.data.source import ImageSource
 from pirl.evaluate.features import EvalSettings, default_cache_dir, trunk_fingerprint
 from pirl.evaluate.metrics import markdown_table
 from pirl.models.trunk import STAGES

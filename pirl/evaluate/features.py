@@ -49,8 +49,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from pirl.config import ViewConfig
-from pirl.data.datasets import ImageSource, ViewDataset, collate_views
+from pirl.data.datasets import ViewDataset, collate_views
 from pirl.data.sampler import usable_workers
+from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, normalize
 from pirl.distributed import all_gather_ragged, any_rank, gather_sizes, is_distributed, shard
 from pirl.models.trunk import STAGES, stage_features

@@ -27,7 +27,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from pirl.config import ViewConfig
-from pirl.data.datasets import ImageSource
+from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, normalize
 from pirl.evaluate.features import (
     AsImage,

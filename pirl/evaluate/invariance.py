@@ -35,8 +35,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pirl.config import Config, ViewConfig
-from pirl.data.datasets import ImageSource
 from pirl.data.jigsaw import JigsawView
+from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, build_train_transform, normalize
 from pirl.evaluate.features import EvalSettings, SeededItems
 from pirl.evaluate.loading import EvalModel

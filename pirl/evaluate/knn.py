@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pirl.config import ViewConfig
-from pirl.data.datasets import ImageSource
+from pirl.data.source import ImageSource
 from pirl.evaluate.features import (
     EvalSettings,
     check_labelled_splits,

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pirl.config import ViewConfig
-from pirl.data.datasets import ImageSource
+from pirl.data.source import ImageSource
 from pirl.evaluate.features import (
     EvalSettings,
     Features,

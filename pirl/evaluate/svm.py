@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pirl.config import ViewConfig
-from pirl.data.datasets import ImageSource
+from pirl.data.source import ImageSource
 from pirl.evaluate.features import (
     EvalSettings,
     check_labelled_splits,

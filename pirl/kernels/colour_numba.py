@@ -1,15 +1,17 @@
 """The colour augmentation as one compiled pass per view row (the ``numba`` colour backend).
 
 Imported only when the backend is used (``pip install pirl[fast]``).  The import compiles the
-kernel the first time (~5 s; numba caches it on disk next to this file, or in its user cache
-where this folder is read-only) and later loads it from that cache (~0.5 s with numba's import).
+kernel the first time (seconds; numba caches it on disk next to this file, or in its user cache
+where this folder is read-only) and later loads it from that cache.
 
-:func:`photometric_jobs` here is :func:`pirl.data.augment.photometric_jobs` for this backend
-(what :func:`pirl.data.augment.colour_jobs` and :func:`pirl.data.augment.flip_job_outputs_` do),
-with the same formulas (torchvision's ``ColorJitter`` operations, the closed-form hue of
-:func:`pirl.data.augment._shift_hue`, grayscale after the jitter, round half to even once at the
-end), so the two backends agree to float rounding:
-a few pixel values in a million differ by one grey level (``tests/test_colour_backends.py``).
+:func:`photometric_jobs` here is :func:`pirl.kernels.colour.photometric_jobs` for this backend
+(what :func:`pirl.kernels.colour_torch.colour_jobs` and
+:func:`pirl.kernels.colour_torch.flip_job_outputs_` do), with the same formulas (torchvision's
+``ColorJitter`` operations, the closed-form hue of :func:`pirl.kernels.colour_torch._shift_hue`,
+grayscale after the jitter, round half to even once at the end), so the two backends agree to
+float rounding: a few pixel values in a million differ by one grey level
+(``tests/test_colour_backends.py``); ``tests/test_views.py`` checks both against the plain
+reference, :mod:`pirl.kernels.colour_reference`.
 
 Why it is faster than the torch backend: every operation runs over one image row (at most a few
 kB, in L1) inside one compiled loop, so nothing returns to memory between operations and there is
@@ -28,12 +30,12 @@ import numpy as np
 import torch
 from numba import njit
 
-from pirl.data.augment import ColourJob
+from pirl.kernels.colour_job import GRAY_WEIGHTS, ColourJob
 
 F32 = np.float32
-# ITU-R 601-2 luma weights (pirl.data.augment.GRAY_WEIGHTS), as float32 constants: a Python float
-# would turn the float32 arithmetic into float64.
-_WR, _WG, _WB = F32(0.2989), F32(0.587), F32(0.114)
+# The luma weights as float32 constants: a Python float would turn the float32 arithmetic into
+# float64.
+_WR, _WG, _WB = (F32(w) for w in GRAY_WEIGHTS)
 _ZERO, _ONE, _HALF, _TOP = F32(0.0), F32(1.0), F32(0.5), F32(255.0)
 # Adding and subtracting 2^23 rounds a float32 in [0, 2^23) to an integer, half to even (the
 # rounding of the addition itself); cheaper than np.rint followed by the conversion.
@@ -156,8 +158,8 @@ _PREV = np.array([2, 0, 1], dtype=np.int64)
 
 @njit(cache=True, nogil=True)
 def _hue_case(shift: float, a: np.ndarray, b: np.ndarray) -> np.float32:
-    """:func:`pirl.data.augment._hue_cases` for one shift (turns): fills the rotation channels
-    ``a`` and neighbour channels ``b``; returns ``1/2 - |f|``."""
+    """:func:`pirl.kernels.colour_torch._hue_cases` for one shift (turns): fills the rotation
+    channels ``a`` and neighbour channels ``b``; returns ``1/2 - |f|``."""
     d = 6.0 * (shift % 1.0)
     j = int(np.round(d / 2.0))
     f = d - 2.0 * j
@@ -243,7 +245,7 @@ def _rows(H: int, W: int) -> np.ndarray:
 
 def photometric_jobs(jobs: Sequence[ColourJob]) -> None:
     """Colour, grayscale and flip every job's sources into its outs: the numba backend of
-    :func:`pirl.data.augment.photometric_jobs` (CPU tensors only; the caller checks the jobs)."""
+    :func:`pirl.kernels.colour.photometric_jobs` (CPU tensors only; the caller checks the jobs)."""
     for job in jobs:
         p = job.params
         # The parameters as the contiguous arrays the signature asks for (a few bytes each).
