@@ -39,11 +39,11 @@ from pirl.data.views import (
     JigsawView,
     RotationView,
     build_eval_transform,
-    build_train_transform,
     maximal_hamming_permutations,
     normalize,
     show_views,
 )
+from pirl.methods import build_train_transform
 
 PRESETS = (224, 96, 64, 32)
 # Both implementations of the colour augmentation; numba only where installed (it is in the dev
