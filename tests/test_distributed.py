@@ -45,7 +45,7 @@ WORKER = textwrap.dedent('''
     from pirl import config as C
     from pirl.distributed import ReplicaDriftError
     from pirl.logs import setup_logging
-    from pirl.methods.bank_objective import BankObjective
+    from pirl.methods.pirl import PIRLObjective
 
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
@@ -66,7 +66,7 @@ WORKER = textwrap.dedent('''
         pirl.train.build_model = lambda *a, **k: no_batchnorm(build(*a, **k))
 
     calls = {"n": 0}
-    after_step = BankObjective.after_step
+    after_step = PIRLObjective.after_step
 
     def patched_after_step(self, out_, batch):
         calls["n"] += 1
@@ -79,7 +79,7 @@ WORKER = textwrap.dedent('''
         with open(os.path.join(out, f"bank-rank{rank}.jsonl"), "a") as fh:
             fh.write(json.dumps(digest) + "\\n")
 
-    BankObjective.after_step = patched_after_step
+    PIRLObjective.after_step = patched_after_step
 
     cfg = C.from_preset("cifar10-r18")
     for key, value in spec["config"].items():

@@ -13,7 +13,7 @@ the bank update applies every rank's (index, f(v_I)) in rank order, so the repli
 and a checkpoint's one generator state resumes every rank.
 
 Call order per step: ``loss(out, batch)`` -> backward -> optimizer step -> ``after_step(out,
-batch)``.
+batch)`` (the method's, which calls ``update_bank``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pirl.methods.keys import need
 
 class BankObjective:
     """The memory-bank half of an objective; PIRL and NPID each add ``loss``, which combines the
-    per-sample terms of :meth:`nce_terms`.
+    per-sample terms of :meth:`nce_terms`, and ``after_step``, which calls :meth:`update_bank`.
 
     cfg: the run config; dataset_size: |D| (the number of bank rows); device: where the bank
     lives (the model's device).
@@ -60,7 +60,7 @@ class BankObjective:
         self.generator.manual_seed(cfg.train.seed * 1_000_003 + 1)
         # Under data parallelism, this step's indices gathered from every rank: (the batch's own
         # index tensor, all indices in rank order, per-rank sizes).  nce_terms() needs them for
-        # the negatives and after_step() for the bank update; one collective serves both.
+        # the negatives and update_bank() for the update; one collective serves both.
         self._step_indices: tuple[Tensor, Tensor, list[int]] | None = None
 
     def nce_terms(self, queries: list[Tensor], batch: dict[str, Tensor]) -> list[Tensor]:
@@ -133,11 +133,11 @@ class BankObjective:
         return float(torch.logsumexp(t, dim=0) - math.log(t.numel()))
 
     @torch.no_grad()
-    def after_step(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
-        """Write this step's f(v_I) into the bank: ``m_I <- normalize(momentum m_I + (1 -
-        momentum) f(v_I))``.  (index, z_img) are gathered from every rank in rank order, so every
-        replica applies the same update."""
-        z = need(out, "z_img", f"objective {self.method!r}", "the model output").detach().float()
+    def update_bank(self, z_img: Tensor, batch: dict[str, Tensor]) -> None:
+        """Write this step's f(v_I) ``[B,D]`` into the bank: ``m_I <- normalize(momentum m_I +
+        (1 - momentum) f(v_I))``.  (index, f(v_I)) are gathered from every rank in rank order,
+        so every replica applies the same update."""
+        z = z_img.detach().float()
         idx = need(batch, "index", f"objective {self.method!r}").to(z.device).long()
         everyone, sizes = self._gathered_indices(idx, batch["index"])
         self._step_indices = None  # the next step gathers its own

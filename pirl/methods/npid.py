@@ -50,3 +50,7 @@ class NPIDObjective(BankObjective):
         (term_img,) = self.nce_terms([z_img], batch)  # [B]
         total = L.pirl_objective(None, term_img, 0.0)  # Eq. 5 with lambda = 0
         return total, {"loss": total.detach(), "loss_img": total.detach()}
+
+    def after_step(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+        """m_I <- normalize(mu m_I + (1 - mu) f(v_I)), mu = objective.bank_momentum."""
+        self.update_bank(need(out, "z_img", "objective 'npid'", "the model output"), batch)

@@ -162,3 +162,8 @@ class PIRLObjective(BankObjective):
         total = L.pirl_objective(term_t, term_img, self.lam)  # Eq. 5, mean over the batch
         return total, {"loss": total.detach(), "loss_t": term_t.detach().mean(),
                        "loss_img": term_img.detach().mean()}
+
+    def after_step(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+        """The bank learns from the image view alone: ``m_I <- normalize(mu m_I + (1 - mu)
+        f(v_I))``, mu = ``objective.bank_momentum`` (0.5)."""
+        self.update_bank(need(out, "z_img", "objective 'pirl'", "the model output"), batch)
