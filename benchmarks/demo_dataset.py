@@ -31,7 +31,7 @@ from pirl.data import open_source
 from pirl.data.views import build_eval_transform, normalize
 from pirl.evaluate.features import EvalSettings
 from pirl.evaluate.knn import knn_classify, run_knn
-from pirl.models.trunk import build_trunk
+from pirl.trunk import build_trunk
 
 
 def _crops(split: str, cfg: C.Config) -> tuple[Tensor, Tensor]:

@@ -64,7 +64,7 @@ METHOD_SETTINGS: dict[str, dict[str, Any] | None] = {
     "pirl-jigsaw+rotation": {"method": "pirl", "pretext": "jigsaw+rotation"},
     # ablations of two defaults: negatives shared by the batch (issue 6 asks for the negatives
     # mode to be chosen by quality), and BatchNorm running statistics from every trunk call
-    # (the patches too) instead of the image view alone (pirl/models/pirl.py explains).
+    # (the patches too) instead of the image view alone (pirl/methods/pirl.py explains).
     "pirl-shared": {"method": "pirl", "pretext": "jigsaw", "negatives": "shared"},
     "pirl-bn-all": {"method": "pirl", "pretext": "jigsaw", "bn_stats": "all"},
     "npid": {"method": "npid", "num_negatives": 4096},

@@ -4,7 +4,7 @@ Three steps, timed side by side in alternating rounds on the same synthetic batc
 excluded), with the same ResNet trunk and heads:
 
 * ``pirl``: the package's training step, as :func:`pirl.train.pretrain` runs it: forward (bf16
-  autocast and channels_last on CUDA), :class:`pirl.methods.Objective` loss against the memory
+  autocast and channels_last on CUDA), :func:`pirl.methods.build_objective` loss against the memory
   bank (``objective.loss``, ``objective.negatives``), backward, SGD step, bank update.
 * ``reference``: the same model and loss written the straightforward way in this file: gather the
   ``B x N`` negatives' bank rows into one ``[B, N, D]`` tensor, score them with a batched matrix
@@ -52,10 +52,8 @@ from torch import Tensor, nn
 
 from pirl import config as C
 from pirl.data import ColourCollate, ViewDataset, collate_views, open_source
-from pirl.data.views import build_train_transform
 from pirl.kernels.colour import resolve_colour_backend
-from pirl.methods import Objective
-from pirl.models.pirl import build_model
+from pirl.methods import build_model, build_objective, build_train_transform
 from pirl.schedule import build_optimizer
 
 PYCONTRAST_SAMPLES_S = 38.0  # issue 6: PyContrast, this machine kind, same setting
@@ -115,7 +113,7 @@ class PirlStep:
         self.model = build_model(cfg).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.objective = Objective(cfg, bank_size, device)
+        self.objective = build_objective(cfg, bank_size, device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         if compile_trunk:
             self.model.trunk = torch.compile(self.model.trunk)  # type: ignore[assignment]

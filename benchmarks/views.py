@@ -6,7 +6,7 @@ Compares, side by side in one run, on a decoded 256 x 256 PIL image (no JPEG dec
   transforms on PIL images: RandomResizedCrop -> flip -> ColorJitter -> grayscale -> tensor for the
   image view; RandomResizedCrop(255) for the jigsaw crop, then for each of the 9 cells a crop at a
   random offset followed by its own flip / ColorJitter / grayscale / to-tensor; a random order.
-* ``pirl fast path``: :func:`pirl.data.views.build_train_transform` for method pirl, pretext
+* ``pirl fast path``: :func:`pirl.methods.build_train_transform` for method pirl, pretext
   jigsaw (uint8 tensors throughout, one batched colour call for the image view and 9 patches).
 * ``pirl batched colour``: what training runs in each DataLoader worker: the same transform with
   ``defer_colour=True`` (crops and parameters only) on ``--batch`` images, then
@@ -54,9 +54,9 @@ from pirl.data.views import (
     IMAGENET_STD,
     ColourCollate,
     ImageView,
-    build_train_transform,
 )
 from pirl.kernels.colour import numba_available
+from pirl.methods import build_train_transform
 
 DEFAULT_TAR = "imagenette-96/val.tar"  # under --data-root / $PIRL_DATA
 

@@ -20,6 +20,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+# The method names; pirl.methods.REGISTRY holds what each one is (it imports torch and this
+# module, so the names live here, where the config can list them without importing it).
 METHODS = ("pirl", "jigsaw", "rotation", "npid")
 PRETEXTS = ("jigsaw", "rotation", "jigsaw+rotation")
 LOSSES = ("nce", "nce-fixed-z", "infonce")
@@ -432,8 +434,9 @@ def validate(cfg: Config, dataset_size: int | None = None) -> list[str]:
     if dataset_size is not None:
         if dataset_size < 2:
             raise ConfigError(f"dataset has {dataset_size} image(s): need at least 2")
-        uses_bank = o.method in ("pirl", "npid")
-        if uses_bank and o.num_negatives > dataset_size - 1:
+        from pirl.methods import get_method  # here, not above: the registry imports this module
+
+        if get_method(o.method).uses_bank and o.num_negatives > dataset_size - 1:
             notes.append(f"objective.num_negatives={o.num_negatives} exceeds |D| - 1 = "
                          f"{dataset_size - 1}; using {dataset_size - 1}")
             o.num_negatives = dataset_size - 1

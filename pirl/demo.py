@@ -24,7 +24,7 @@ def run_demo(out: Path, device: str | None = None, epochs: int | None = None,
     from pirl.distributed import setup_distributed
     from pirl.evaluate.features import EvalSettings
     from pirl.evaluate.knn import run_knn
-    from pirl.models.trunk import build_trunk
+    from pirl.export import load_backbone
     from pirl.plots import plot_runs
     from pirl.train import pretrain
 
@@ -45,12 +45,9 @@ def run_demo(out: Path, device: str | None = None, epochs: int | None = None,
     settings = EvalSettings(device=env.device, batch_size=256, workers=cfg.train.workers,
                             quiet=quiet, cache_dir=None)
     train_src, val_src = open_source(TRAIN), open_source(VAL)
-    ckpt = torch.load(result.run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    pretrained = build_trunk(cfg.model.arch, cfg.model.small_stem)
-    pretrained.load_state_dict({k.removeprefix("trunk."): v for k, v in ckpt["model"].items()
-                                if k.startswith("trunk.")})
+    pretrained = load_backbone(result.run_dir / "checkpoint.pt")
     torch.manual_seed(cfg.train.seed)  # a reproducible random init (same seed as the run)
-    random_init = build_trunk(cfg.model.arch, cfg.model.small_stem)
+    random_init = load_backbone("random", cfg.model.arch, cfg.model.small_stem)
     rows = {}
     for name, trunk in (("PIRL pretrained", pretrained), ("random init", random_init)):
         rows[name] = run_knn(trunk.to(env.device), train_src, val_src, cfg.views, settings,

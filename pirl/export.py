@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from torchvision.models import ResNet
 
 from pirl.checkpoint import CheckpointError, safe_load  # one loader and error class for all
-from pirl.models.trunk import build_trunk
+from pirl.trunk import build_trunk
 
 __all__ = ["EXPORT_FORMATS", "CheckpointError", "detectron2_to_torchvision", "export_trunk",
            "infer_arch", "load_backbone", "safe_load", "torchvision_to_detectron2",

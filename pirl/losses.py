@@ -3,8 +3,8 @@
 Every loss exists at two levels:
 
 * ``*_from_logits(pos [B], neg [B,N])``: from the temperature-scaled scores ``a_p = s(q,p)/tau``
-  and ``a_j = s(q,n_j)/tau``.  :class:`pirl.methods.Objective` uses these, because it computes
-  the scores against the memory bank with a fast gather
+  and ``a_j = s(q,n_j)/tau``.  :class:`pirl.methods.bank_objective.BankObjective` uses these,
+  because it computes the scores against the memory bank with a fast gather
   (``pirl.kernels.bank_scores.gather_scores``) and never materialises the ``[B,N,D]`` negatives.
 * ``nce / infonce / nce_fixed_z(query [B,D], positive [B,D], negatives [B,N,D] | [N,D], tau)``:
   the public API of the issue: scores as dot products of L2-normalised vectors (= cosine
@@ -60,7 +60,7 @@ def scores(query: Tensor, positive: Tensor, negatives: Tensor, tau: float) -> tu
 def nce_from_logits(pos: Tensor, neg: Tensor) -> Tensor:
     """The paper's Eqs. 3-4 from scaled scores ``pos [B]`` (a_p) and ``neg [B,N]`` (a_j) -> ``[B]``.
 
-    With e = exp(a) and S = sum_j e_j (PIRL.md, computational form):
+    With e = exp(a) and S = sum_j e_j (docs/method.md, computational form):
     ``loss = -log h_p - sum_j log(1 - h_j)``, h_p = e_p / (e_p + S), h_j = e_j / (e_j + S).
     In log space, with L = log S = logsumexp_j a_j:
 
@@ -197,7 +197,3 @@ def pirl_objective(term_t: Tensor | None, term_img: Tensor, lam: float) -> Tenso
         raise ValueError(f"term_t {tuple(term_t.shape)} and term_img {tuple(term_img.shape)} "
                          "must have the same shape [B]")
     return (lam * term_t + (1.0 - lam) * term_img).mean()
-
-
-LOSSES_FROM_LOGITS = {"nce": nce_from_logits, "infonce": infonce_from_logits}
-"""The Z-free losses by their config name (``nce-fixed-z`` also needs log Z and |D|)."""

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NEGATIVE_MODES = ("per-sample", "shared")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from pirl.config import BANK_DTYPES, NEGATIVE_MODES
+
+# The config's names are torch's dtype names.
+_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in BANK_DTYPES}
 
 
 def bank_dtype(name: str | torch.dtype) -> torch.dtype:

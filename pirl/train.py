@@ -1,7 +1,7 @@
 """The pretraining loop: forward -> loss -> backward -> step -> bank update, with checkpoints.
 
-One readable loop for every method (pirl, npid, jigsaw, rotation): the differences live in the
-model (:func:`pirl.models.pirl.build_model`) and the objective (:class:`pirl.methods.Objective`).
+One readable loop for every method: the differences live in the method's views, model and
+objective (:mod:`pirl.methods`).
 Running the same command twice resumes from the run folder's checkpoint.
 """
 
@@ -32,12 +32,7 @@ from pirl.checkpoint import (
 )
 from pirl.data import ViewDataset, open_source
 from pirl.data.sampler import EpochSampler, SeededViews, seed_everything, usable_workers
-from pirl.data.views import (
-    ColourCollate,
-    build_train_transform,
-    maximal_hamming_permutations,
-    normalize,
-)
+from pirl.data.views import ColourCollate, maximal_hamming_permutations, normalize
 from pirl.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -49,8 +44,13 @@ from pirl.distributed import (
 )
 from pirl.kernels.colour import resolve_colour_backend
 from pirl.logs import LOG_NAME, RunLogger
-from pirl.methods import Objective
-from pirl.models.pirl import build_model
+from pirl.methods import (
+    Objective,
+    build_model,
+    build_objective,
+    build_train_transform,
+    get_method,
+)
 from pirl.schedule import build_optimizer, lr_at, peak_lr, set_lr
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,8 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     out = prepare_run_dir(out) if env.is_main else Path(out)
     source = open_source(data)
     n = len(source)
-    if explicit_negatives and cfg.objective.method in ("pirl", "npid"):
+    method = get_method(cfg)
+    if explicit_negatives and method.uses_bank:
         C.check_explicit_negatives(cfg.objective.num_negatives, n)
     for note in C.validate(cfg, dataset_size=n):
         if env.is_main:
@@ -226,14 +227,14 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     channels_last = cfg.train.channels_last and on_gpu
 
     permutations = None
-    if cfg.objective.method == "jigsaw":
+    if method.needs_permutations:
         permutations = (ckpt["permutations"] if ckpt is not None else
                         maximal_hamming_permutations(cfg.objective.num_permutations,
                                                      cfg.views.grid, seed=cfg.train.seed))
-    model = build_model(cfg, num_permutations=cfg.objective.num_permutations).to(dev)
+    model = build_model(cfg).to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    objective = Objective(cfg, n, dev)
+    objective = build_objective(cfg, n, dev)
     optimizer = build_optimizer(model, cfg.optim)
 
     steps_per_epoch = n // cfg.optim.batch_size
@@ -355,13 +356,14 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                     now = time.perf_counter()
                     rate = samples_since / max(now - t_last, 1e-9)
                     t_last, samples_since = now, 0
-                    terms = {k: all_reduce_mean(v, env) for k, v in terms.items()}
+                    # The terms are 0-dim tensors: read (a host sync) on logging steps only.
+                    logged = {k: all_reduce_mean(float(v), env) for k, v in terms.items()}
                     skipped_all = skipped_total()
                     last = {"kind": "train", "step": state.step, "epoch": state.epoch + 1,
                             "lr": lr, "samples_per_s": rate, "skipped_total": skipped_all,
-                            **terms}
+                            **logged}
                     logger.log(last)
-                    bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}",
+                    bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.3f}",
                                     samples_s=f"{rate:.0f}")
                 if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                     save()
@@ -437,7 +439,7 @@ def _check_finite(model: nn.Module, objective: Objective, step: int, out: Path) 
     parameters per checkpoint is cheap next to losing the run's last usable state.
     """
     tensors = [("model." + k, v) for k, v in model.state_dict().items()]
-    bank = getattr(objective, "bank", None)
+    bank = objective.bank
     if bank is not None:
         tensors.append(("memory bank", bank.rows))
     for name, t in tensors:
@@ -459,7 +461,6 @@ def _checkpoint_state(cfg: C.Config, n: int, model: nn.Module, objective: Object
         "model": model.state_dict(),
         "objective": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scaler": {},  # bf16 autocast needs no loss scaling; kept for format stability
         "rng": rng_state(),
         "permutations": permutations,
         "position": {"epoch": state.epoch, "step": state.step, "batch": state.batch,

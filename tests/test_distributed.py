@@ -45,7 +45,7 @@ WORKER = textwrap.dedent('''
     from pirl import config as C
     from pirl.distributed import ReplicaDriftError
     from pirl.logs import setup_logging
-    from pirl.methods import Objective
+    from pirl.methods.pirl import PIRLObjective
 
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
@@ -66,22 +66,20 @@ WORKER = textwrap.dedent('''
         pirl.train.build_model = lambda *a, **k: no_batchnorm(build(*a, **k))
 
     calls = {"n": 0}
-    after_step = Objective.after_step
+    after_step = PIRLObjective.after_step
 
     def patched_after_step(self, out_, batch):
         calls["n"] += 1
         if spec.get("die_at") == calls["n"] and rank == 1:
             os._exit(3)  # no cleanup, no exception: as if the process were killed
         after_step(self, out_, batch)
-        if self.bank is None:  # the jigsaw / rotation baselines have no bank
-            return
         if spec.get("drift_at") == calls["n"] and rank == 1:
             self.bank.rows[0].mul_(-1.0)
         digest = hashlib.blake2b(self.bank.rows.numpy().tobytes(), digest_size=16).hexdigest()
         with open(os.path.join(out, f"bank-rank{rank}.jsonl"), "a") as fh:
             fh.write(json.dumps(digest) + "\\n")
 
-    Objective.after_step = patched_after_step
+    PIRLObjective.after_step = patched_after_step
 
     cfg = C.from_preset("cifar10-r18")
     for key, value in spec["config"].items():

@@ -33,8 +33,8 @@ from pirl.evaluate.linear import TrunkChangedError, run_linear
 from pirl.evaluate.loading import load_eval_model
 from pirl.evaluate.neighbors import run_neighbors
 from pirl.evaluate.svm import run_svm
-from pirl.models.pirl import build_model
-from pirl.models.trunk import build_trunk
+from pirl.methods import build_model
+from pirl.trunk import build_trunk
 
 VAL_TAR = IMAGENETTE_DIR / "val.tar"
 TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 4  # 10 classes: 80 train + 40 val images

@@ -21,7 +21,8 @@ from pirl.export import (
     load_backbone,
     torchvision_to_detectron2,
 )
-from pirl.models import build_model, build_trunk
+from pirl.methods import build_model
+from pirl.trunk import build_trunk
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

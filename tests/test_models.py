@@ -7,18 +7,10 @@ import torch
 from torch import nn
 
 from pirl.config import Config
-from pirl.models import (
-    STAGES,
-    ImageHead,
-    JigsawClassifier,
-    JigsawHead,
-    RotationHead,
-    build_model,
-    build_trunk,
-    stage_dim,
-    stage_features,
-    trunk_dim,
-)
+from pirl.methods import build_model
+from pirl.methods.jigsaw import JigsawClassifier
+from pirl.methods.pirl import ImageHead, JigsawHead, RotationHead
+from pirl.trunk import STAGES, build_trunk, stage_dim, stage_features, trunk_dim
 
 B, S, PATCH, D = 2, 16, 8, 16
 
@@ -127,7 +119,7 @@ def test_head_shapes() -> None:
 
 
 def test_paper_head_sizes() -> None:
-    """PIRL.md: f = 2048 -> 128; g = 9 x shared (2048 -> 128) -> 1152 -> 128."""
+    """The paper: f = 2048 -> 128; g = 9 x shared (2048 -> 128) -> 1152 -> 128."""
     g = JigsawHead(2048, 128, 9)
     assert g.patch_fc.in_features == 2048 and g.patch_fc.out_features == 128
     assert g.fuse.in_features == 1152 and g.fuse.out_features == 128
@@ -250,10 +242,10 @@ def test_npid_forward() -> None:
 
 
 def test_jigsaw_baseline_forward() -> None:
-    model = build_model(_cfg("jigsaw"), num_permutations=7)
-    out = model({"patches": _batch()["patches"]})
+    cfg = _cfg("jigsaw")
+    cfg.objective.num_permutations = 7  # one class per permutation of the set
+    out = build_model(cfg)({"patches": _batch()["patches"]})
     assert set(out) == {"logits"} and tuple(out["logits"].shape) == (B, 7)
-    # defaults to cfg.objective.num_permutations
     assert tuple(build_model(_cfg("jigsaw"))(_batch())["logits"].shape) == (B, 10)
 
 

@@ -24,7 +24,8 @@ from pirl import config as C
 from pirl.data.jigsaw import maximal_hamming_permutations
 from pirl.data.sampler import seed_everything
 from pirl.data.source import decode_image
-from pirl.data.views import build_eval_transform, build_train_transform
+from pirl.data.views import build_eval_transform
+from pirl.methods import build_train_transform
 
 MODES = ("RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1", "YCbCr")
 # (method, pretext): every view combination the trainer builds

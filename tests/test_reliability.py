@@ -38,7 +38,7 @@ KILLER = r'''
 import io, os, signal, sys
 import torch
 from pirl import checkpoint as ck
-from pirl.methods import Objective
+from pirl.methods.pirl import PIRLObjective
 
 mode, at = sys.argv[1], int(sys.argv[2])
 count = [0]
@@ -51,12 +51,12 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if mode == "step":
-    after_step = Objective.after_step
+    after_step = PIRLObjective.after_step
     def patched_after_step(self, *a, **k):
         after_step(self, *a, **k)
         if hit():
             die()
-    Objective.after_step = patched_after_step
+    PIRLObjective.after_step = patched_after_step
 elif mode == "write":
     save = torch.save
     def patched_save(obj, f, *a, **k):
@@ -410,12 +410,12 @@ def test_stopped_run_says_how_to_resume_not_where_trunk_is(
         monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
     """SIGTERM (pre-emption) stops the run with a checkpoint; the last line gives the step and
     how to go on, and names trunk.pt only once it exists."""
-    from pirl.methods import Objective
+    from pirl.methods.pirl import PIRLObjective
 
-    after_step = Objective.after_step
+    after_step = PIRLObjective.after_step
     calls = [0]
 
-    def sigterm_on_first_step(self: Objective, *a: Any, **k: Any) -> None:
+    def sigterm_on_first_step(self: PIRLObjective, *a: Any, **k: Any) -> None:
         after_step(self, *a, **k)
         calls[0] += 1
         if calls[0] == 1:
@@ -423,7 +423,7 @@ def test_stopped_run_says_how_to_resume_not_where_trunk_is(
 
     out = tmp_path / "run"
     trunk = out / "trunk.pt"
-    monkeypatch.setattr(Objective, "after_step", sigterm_on_first_step)
+    monkeypatch.setattr(PIRLObjective, "after_step", sigterm_on_first_step)
     assert main(_train_args(small_data, out, batch=16)) == 0  # 64 images: 4 steps per epoch
     step = ck.safe_load(out / ck.LATEST)["position"]["step"]
     assert 1 <= step < 4  # stopped early
@@ -432,13 +432,13 @@ def test_stopped_run_says_how_to_resume_not_where_trunk_is(
                        "resume from it")
     assert not trunk.exists()
 
-    monkeypatch.setattr(Objective, "after_step", after_step)
+    monkeypatch.setattr(PIRLObjective, "after_step", after_step)
     assert main(_train_args(small_data, out, batch=16)) == 0  # the same command finishes
     assert capsys.readouterr().out.strip() == f"run folder: {out}  (trunk weights: {trunk})"
     assert trunk.is_file()
 
     calls[0] = 0  # a longer run in the same folder, stopped again: trunk.pt is the old one
-    monkeypatch.setattr(Objective, "after_step", sigterm_on_first_step)
+    monkeypatch.setattr(PIRLObjective, "after_step", sigterm_on_first_step)
     assert main(_train_args(small_data, out, batch=16, epochs=2)) == 0
     step = ck.safe_load(out / ck.LATEST)["position"]["step"]
     assert 4 < step < 8
@@ -739,13 +739,13 @@ def test_ctrl_c_checkpoints_once_and_aborts_twice(
         monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
     """A first Ctrl-C (SIGINT) stops like SIGTERM, with a checkpoint within a step; a
     second one aborts at once with KeyboardInterrupt and writes nothing new."""
-    from pirl.methods import Objective
+    from pirl.methods.pirl import PIRLObjective
 
-    after_step = Objective.after_step
+    after_step = PIRLObjective.after_step
     calls = [0]
 
     def ctrl_c(times: int) -> Any:
-        def patched(self: Objective, *a: Any, **k: Any) -> None:
+        def patched(self: PIRLObjective, *a: Any, **k: Any) -> None:
             after_step(self, *a, **k)
             calls[0] += 1
             if calls[0] == 1:
@@ -754,7 +754,7 @@ def test_ctrl_c_checkpoints_once_and_aborts_twice(
         return patched
 
     out = tmp_path / "run"
-    monkeypatch.setattr(Objective, "after_step", ctrl_c(1))
+    monkeypatch.setattr(PIRLObjective, "after_step", ctrl_c(1))
     assert main(_train_args(small_data, out, batch=16)) == 0
     step = ck.safe_load(out / ck.LATEST)["position"]["step"]
     assert 1 <= step < 4  # 64 images, batch 16: stopped within the first epoch
@@ -762,6 +762,6 @@ def test_ctrl_c_checkpoints_once_and_aborts_twice(
 
     calls[0] = 0
     other = tmp_path / "other"
-    monkeypatch.setattr(Objective, "after_step", ctrl_c(2))
+    monkeypatch.setattr(PIRLObjective, "after_step", ctrl_c(2))
     assert main(_train_args(small_data, other, batch=16)) == 130  # the CLI's "interrupted"
     assert not (other / ck.LATEST).exists()

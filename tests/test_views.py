@@ -34,7 +34,6 @@ from pirl.data.views import (
     JigsawView,
     RotationView,
     build_eval_transform,
-    build_train_transform,
     maximal_hamming_permutations,
     normalize,
 )
@@ -42,6 +41,7 @@ from pirl.kernels.colour import numba_available, photometric_jobs
 from pirl.kernels.colour_job import ColourJob
 from pirl.kernels.colour_reference import photometric_reference
 from pirl.kernels.colour_torch import color_jitter_batch, colour_jobs
+from pirl.methods import build_train_transform
 from pirl.plots import show_views
 
 PRESETS = (224, 96, 64, 32)

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate, get_worker_info
 
-from pirl.config import Config, ViewConfig
+from pirl.config import ViewConfig
 from pirl.data.augment import (
     ImageLike,
     Photometric,
@@ -48,7 +48,7 @@ from pirl.kernels.colour_job import ColourJob
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "ImageView", "ImageParams", "JigsawView",
-    "JigsawParams", "RotationView", "maximal_hamming_permutations", "build_train_transform",
+    "JigsawParams", "RotationView", "maximal_hamming_permutations", "SampleViews",
     "build_eval_transform", "TrainTransform", "EvalTransform", "COLOUR_KEY",
     "DeferredColour", "ColourCollate", "colour_batch",
 ]
@@ -166,19 +166,37 @@ def _items(x: Tensor) -> Tensor:
     return x if x.dim() == 4 else x.unsqueeze(0)
 
 
+PatchOrder = Literal["shuffled", "permutation"]
+
+
+@dataclass(frozen=True)
+class SampleViews:
+    """Which views one training sample holds.  Each method declares its own
+    (``pirl.methods``); :class:`TrainTransform` draws them.
+
+    * ``image``: key ``image`` [3,S,S], the image view I.
+    * ``patches``: key ``patches`` [P,3,p,p], the jigsaw view.  ``"shuffled"`` (PIRL's I^t): in a
+      random order, coloured in one job with the image view; ``"permutation"`` (the Jigsaw
+      baseline): ordered by a permutation drawn from a fixed set, whose index is ``perm_label``.
+    * ``rotate_patches``: rotate the jigsaw crop before cutting it (Jigsaw+Rotation).
+    * ``rotated``: key ``rotated`` [3,S,S], an independently augmented image view rotated by
+      90 r degrees; ``rotation_label`` adds r as ``rotation``.
+    """
+
+    image: bool = False
+    patches: PatchOrder | None = None
+    rotate_patches: bool = False
+    rotated: bool = False
+    rotation_label: bool = False
+
+
 class TrainTransform:
-    """PIL image -> dict of uint8 views (and labels) for one training sample.
+    """PIL image -> dict of uint8 views (and labels) for one training sample, as ``views`` asks.
 
-    Keys by ``objective.method`` / ``objective.pretext`` (docs/ARCHITECTURE.md):
-
-    | method / pretext        | keys                                                       |
-    |-------------------------|------------------------------------------------------------|
-    | pirl / jigsaw           | image [3,S,S], patches [P,3,p,p] (random order)            |
-    | pirl / rotation         | image [3,S,S], rotated [3,S,S]                             |
-    | pirl / jigsaw+rotation  | image [3,S,S], patches [P,3,p,p] cut from the rotated crop |
-    | jigsaw (baseline)       | patches [P,3,p,p] ordered by a permutation, perm_label ()  |
-    | rotation (baseline)     | rotated [3,S,S], rotation ()                               |
-    | npid                    | image [3,S,S]                                              |
+    The random numbers are drawn in a fixed order, the same for every composition: the image
+    view alone (crop, colour) when it is not coloured with shuffled patches; then the jigsaw view
+    (permutation: cut, the cells' colour, the permutation; shuffled: the image crop, the cut, then
+    the colour of the image and the patches in one draw); then the rotated view (crop, colour, r).
 
     With ``defer_colour=True`` the views are the geometric crops only (uint8, any strides) and
     the sample also holds ``COLOUR_KEY``: a :class:`DeferredColour` with the photometric
@@ -186,40 +204,39 @@ class TrainTransform:
     random numbers are drawn in the same order either way, so a seeded sample gets the same
     pixels in both modes.
 
+    ``permutations`` Long ``[n, P]`` is the permutation set of ``patches="permutation"``.
     Picklable (DataLoader workers); randomness from torch's global generator unless one is given.
     """
 
-    def __init__(self, cfg: Config, permutations: Tensor | None = None,
+    def __init__(self, cfg: ViewConfig, views: SampleViews, permutations: Tensor | None = None,
                  generator: torch.Generator | None = None, defer_colour: bool = False) -> None:
-        v, o = cfg.views, cfg.objective
-        self.views = v
-        self.method, self.pretext = o.method, o.pretext
+        if not (views.image or views.patches or views.rotated):
+            raise ValueError(f"{views}: a training sample needs at least one view")
+        if views.rotate_patches and views.patches is None:
+            raise ValueError(f"{views}: rotate_patches without patches")
+        if views.rotation_label and not views.rotated:
+            raise ValueError(f"{views}: rotation_label without the rotated view")
+        self.views = cfg
+        self.sample = views
         self.generator = generator
         self.defer_colour = defer_colour
-        self.image_view = ImageView(v, generator=generator)
+        self.image_view = ImageView(cfg, generator=generator)
         self.jigsaw_view: JigsawView | None = None
         self.rotation_view: RotationView | None = None
         self.permutations: Tensor | None = None
-        if self.method == "pirl" and self.pretext in ("jigsaw", "jigsaw+rotation"):
-            self.jigsaw_view = JigsawView(v, rotate=self.pretext == "jigsaw+rotation",
-                                          generator=generator)
-        elif self.method == "pirl" and self.pretext == "rotation":
-            self.rotation_view = RotationView(v, generator=generator)
-        elif self.method == "pirl":
-            raise ValueError(f"objective.pretext={self.pretext!r}: no view for this pretext")
-        elif self.method == "jigsaw":
-            # Row-major cells; the order comes from the permutation set instead.
-            self.jigsaw_view = JigsawView(v, shuffle=False, generator=generator)
+        if views.patches is not None:
+            # "permutation": row-major cells; the order comes from the permutation set instead.
+            self.jigsaw_view = JigsawView(cfg, shuffle=views.patches == "shuffled",
+                                          rotate=views.rotate_patches, generator=generator)
+        if views.patches == "permutation":
             if permutations is None:
-                permutations = maximal_hamming_permutations(o.num_permutations, v.grid, seed=0)
-            if permutations.dim() != 2 or permutations.shape[1] != v.grid * v.grid:
-                raise ValueError(f"permutations: expected [n, {v.grid * v.grid}], got "
+                raise ValueError("patches='permutation' needs the permutation set")
+            if permutations.dim() != 2 or permutations.shape[1] != cfg.grid * cfg.grid:
+                raise ValueError(f"permutations: expected [n, {cfg.grid * cfg.grid}], got "
                                  f"{list(permutations.shape)}")
             self.permutations = permutations.long()
-        elif self.method == "rotation":
-            self.rotation_view = RotationView(v, generator=generator)
-        elif self.method != "npid":
-            raise ValueError(f"objective.method={self.method!r}: no views for this method")
+        if views.rotated:
+            self.rotation_view = RotationView(cfg, generator=generator)
 
     def __call__(self, img: ImageLike) -> dict[str, Any]:
         out, jobs = self.draw(img)
@@ -236,15 +253,16 @@ class TrainTransform:
              ) -> tuple[dict[str, Tensor], list[tuple[tuple[str, ...], Photometric]]]:
         """Everything random for one sample, nothing coloured yet: the sample's keys with the
         geometric crops (uint8, any strides) and the colour jobs ``(keys, parameters)``."""
+        want = self.sample
         x = to_uint8_tensor(img)  # decode-to-tensor once, shared by every view of the sample
         out: dict[str, Tensor] = {}
         jobs: list[tuple[tuple[str, ...], Photometric]] = []
-        if self.method == "npid" or (self.method == "pirl" and self.jigsaw_view is None):
+        if want.image and want.patches != "shuffled":
             view, params = self.image_view.draw(x)
             assert params.photometric is not None
             out["image"] = view
             jobs.append((("image",), params.photometric))
-        if self.method == "jigsaw":
+        if want.patches == "permutation":
             assert self.jigsaw_view is not None and self.permutations is not None
             cells, jig = self.jigsaw_view.draw(x)
             assert jig.photometric is not None
@@ -253,31 +271,26 @@ class TrainTransform:
             out["patches"] = cells[perm]  # k-th patch = cell perm[k], with that cell's colour
             out["perm_label"] = torch.tensor(label, dtype=torch.long)
             jobs.append((("patches",), jig.photometric.index(perm)))
-        elif self.jigsaw_view is not None:
+        elif want.patches == "shuffled":
+            assert self.jigsaw_view is not None
             # Crops first; the image view and its P patches, each with its own parameters,
             # then share one batched colour call.
-            view, _ = self.image_view.crop(x)
+            keys: tuple[str, ...] = ("patches",)
+            if want.image:
+                out["image"], _ = self.image_view.crop(x)
+                keys = ("image", "patches")
             patches, _ = self.jigsaw_view.cut(x)
-            out["image"], out["patches"] = view, patches
-            jobs.append((("image", "patches"),
-                         sample_photometric(1 + len(patches), self.views, self.generator)))
+            out["patches"] = patches
+            count = len(patches) + (1 if want.image else 0)
+            jobs.append((keys, sample_photometric(count, self.views, self.generator)))
         if self.rotation_view is not None:
             rotated, photometric, r = self.rotation_view.draw(x)
             assert photometric is not None
             out["rotated"] = rotated
             jobs.append((("rotated",), photometric))
-            if self.method == "rotation":
+            if want.rotation_label:
                 out["rotation"] = torch.tensor(r, dtype=torch.long)
         return out, jobs
-
-
-def build_train_transform(cfg: Config, permutations: Tensor | None = None,
-                          defer_colour: bool = False) -> TrainTransform:
-    """The training transform for ``cfg`` (keys in :class:`TrainTransform`).  For the jigsaw
-    baseline ``permutations`` (Long ``[n, P]``) is the permutation set; when None the set is
-    ``maximal_hamming_permutations(objective.num_permutations, views.grid, seed=0)``.  With
-    ``defer_colour`` the colour is left to :class:`ColourCollate` (the training DataLoader)."""
-    return TrainTransform(cfg, permutations, defer_colour=defer_colour)
 
 
 def _batch_tensor(like: Tensor, batch: int) -> Tensor:

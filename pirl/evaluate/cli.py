@@ -22,7 +22,7 @@ from pirl import config as C
 from pirl.data.source import ImageSource
 from pirl.evaluate.features import EvalSettings, default_cache_dir, trunk_fingerprint
 from pirl.evaluate.metrics import markdown_table
-from pirl.models.trunk import STAGES
+from pirl.trunk import STAGES
 
 PROTOCOLS = ("knn", "linear", "svm", "finetune", "invariance", "neighbors")
 

@@ -54,7 +54,7 @@ from pirl.data.sampler import usable_workers
 from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, normalize
 from pirl.distributed import all_gather_ragged, any_rank, gather_sizes, is_distributed, shard
-from pirl.models.trunk import STAGES, stage_features
+from pirl.trunk import STAGES, stage_features
 
 # Target number of values per pooled stage (Goyal et al.'s benchmark: ~9k).
 POOLED_DIM = 9216

@@ -48,7 +48,7 @@ from pirl.evaluate.features import (
     trunk_fingerprint,
 )
 from pirl.evaluate.metrics import make_generator, markdown_table, topk_accuracy
-from pirl.models.trunk import STAGES
+from pirl.trunk import STAGES
 
 # Standardisation eps as a fraction of the mean feature variance (see train_linear_head).
 STD_EPS = 0.01

@@ -3,7 +3,7 @@
 ``load_eval_model`` accepts everything :func:`pirl.export.load_backbone` accepts ("random", pirl
 checkpoints of any method, ``trunk.pt`` / torchvision state dicts, Detectron2 and VISSL files).
 A pirl checkpoint also yields its training config (so the CLI can default the evaluation view to
-the training image size) and, when its method is ``pirl``, the whole model with the heads f and g,
+the training image size) and, when its method has both heads (PIRL), the whole model with f and g,
 loaded strictly from the checkpoint's ``"model"`` state dict (the invariance protocol measures
 ||f(v_I) - g(v_I^t)||).
 """
@@ -19,7 +19,7 @@ from torch import nn
 
 from pirl.config import Config, ConfigError, from_dict
 from pirl.export import CheckpointError, load_backbone, safe_load
-from pirl.models.pirl import build_model
+from pirl.methods import get_method
 
 
 @dataclass
@@ -50,14 +50,15 @@ def load_eval_model(path: str, arch: str | None = None, small_stem: bool | None 
             cfg = from_dict(obj["config"])
         except ConfigError as e:
             raise CheckpointError(f"{path}: its recorded config does not load ({e})") from None
-        if cfg.objective.method == "pirl":
-            model = build_model(cfg)
+        method = get_method(cfg)
+        if method.has_f_and_g:
+            model = method.build_model(cfg)
             try:
                 model.load_state_dict(obj["model"], strict=True)
             except (RuntimeError, KeyError, TypeError) as e:
                 detail = " ".join(str(e).split())[:600]
-                raise CheckpointError(f"{path}: 'model' does not fit a {cfg.model.arch} PIRL "
-                                      f"model with pretext {cfg.objective.pretext} "
+                raise CheckpointError(f"{path}: 'model' does not fit a {cfg.model.arch} "
+                                      f"{method.name} model with pretext {cfg.objective.pretext} "
                                       f"({detail})") from None
             model.eval()
             for given, have, key in ((arch, cfg.model.arch, "arch"),

@@ -16,10 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torchvision.models
 from torch import Tensor, nn
-from torchvision.models import ResNet, resnet18, resnet34, resnet50
+from torchvision.models import ResNet
 
-ARCH_DIMS: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+from pirl.config import ARCHS
+
+# The architectures built from bottleneck blocks, whose stages are 4x wider (res5: 2048 channels
+# against 512); every other name of ARCHS is built from basic blocks.
+_BOTTLENECK = frozenset({"resnet50"})
 
 # Names of the feature stages an evaluation may read, shallow to deep (Goyal et al.'s benchmark
 # names, as PIRL's linear-probe tables use).  conv1 = stem output (after conv1+bn+relu+maxpool),
@@ -29,11 +34,15 @@ STAGES: tuple[str, ...] = ("conv1", "res2", "res3", "res4", "res5")
 _STAGE_LAYER = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
 
 
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch={arch!r}: choose one of {list(ARCHS)}")
+
+
 def trunk_dim(arch: str) -> int:
     """Width of the pooled trunk output for ``arch`` (512 or 2048)."""
-    if arch not in ARCH_DIMS:
-        raise ValueError(f"model.arch={arch!r}: choose one of {sorted(ARCH_DIMS)}")
-    return ARCH_DIMS[arch]
+    _check_arch(arch)
+    return 512 * (4 if arch in _BOTTLENECK else 1)
 
 
 def apply_small_stem(net: ResNet) -> ResNet:
@@ -50,10 +59,8 @@ def build_trunk(arch: str, small_stem: bool = False) -> ResNet:
 
     forward: float ``[B, 3, S, S]`` (normalised) -> ``[B, trunk_dim(arch)]``.
     """
-    makers = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
-    if arch not in makers:
-        raise ValueError(f"model.arch={arch!r}: choose one of {sorted(makers)}")
-    net: ResNet = makers[arch](weights=None)
+    _check_arch(arch)
+    net: ResNet = getattr(torchvision.models, arch)(weights=None)  # ARCHS are torchvision's names
     net.fc = nn.Identity()  # type: ignore[assignment]
     if small_stem:
         apply_small_stem(net)
@@ -88,15 +95,20 @@ def stage_features(trunk: ResNet, x: Tensor, stages: Iterable[str]) -> dict[str,
 
 def stage_dim(arch: str, stage: str) -> int:
     """Channel count C of ``stage`` for ``arch`` (useful to size a probe before any forward)."""
-    trunk_dim(arch)
+    _check_arch(arch)
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: choose from {list(STAGES)}")
     if stage == "conv1":
         return 64
     base = {"res2": 64, "res3": 128, "res4": 256, "res5": 512}[stage]
-    return base * (4 if arch == "resnet50" else 1)
+    return base * (4 if arch in _BOTTLENECK else 1)
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters (for logs)."""
-    return sum(p.numel() for p in module.parameters())
+def patch_features(trunk: nn.Module, patches: Tensor) -> Tensor:
+    """Patches ``[B, P, 3, p, p]`` -> pooled trunk features ``[B, P, C]``, in one trunk call
+    (BatchNorm in train mode normalises over all B*P patches together)."""
+    if patches.dim() != 5:
+        raise ValueError(f"patches must be [B, P, 3, p, p], got {tuple(patches.shape)}")
+    b, p = patches.shape[:2]
+    feats = trunk(patches.flatten(0, 1))  # [B*P, C]; patch k of image i sits at row i*P + k
+    return feats.reshape(b, p, -1)

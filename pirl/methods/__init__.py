@@ -1,0 +1,130 @@
+"""The methods: PIRL and the baselines it is compared with.  Open :mod:`pirl.methods.pirl` first.
+
+=========  =====================================  ====================  ========================
+method     a training sample holds                model returns         objective
+=========  =====================================  ====================  ========================
+pirl       image [3,S,S] and, by pretext, patches  z_img, z_t [B,D]      Eq. 5 against the bank
+           [P,3,p,p] (jigsaw; jigsaw+rotation:
+           cut from the rotated crop) or rotated
+           [3,S,S] (rotation)
+npid       image                                   z_img                 NCE against the bank
+jigsaw     patches ordered by a permutation of     logits [B,n]          cross-entropy
+           the set, perm_label ()
+rotation   rotated, rotation ()                    logits [B,4]          cross-entropy
+=========  =====================================  ====================  ========================
+
+This registry is the one place that tells the methods apart by name: everything else asks
+:func:`get_method` for the :class:`Method` of ``cfg.objective.method`` and reads its fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from pirl.config import METHODS, Config
+from pirl.data.jigsaw import maximal_hamming_permutations
+from pirl.data.views import SampleViews, TrainTransform
+from pirl.memory_bank import MemoryBank
+from pirl.methods import jigsaw, npid, pirl, rotation
+
+
+class Objective(Protocol):
+    """A method's loss and its state.  Per step: ``loss(out, batch)`` -> backward -> optimizer
+    step -> ``after_step(out, batch)``.  ``loss`` returns the scalar to minimise and its terms for
+    the log as detached 0-dim tensors (no host synchronisation in the step)."""
+
+    @property
+    def bank(self) -> MemoryBank | None: ...
+
+    def loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]
+             ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def after_step(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the rest of the package needs to know about one method.
+
+    views: what a training sample holds (drawn by :class:`pirl.data.views.TrainTransform`).
+    build_model: the network, randomly initialised; forward(batch) -> the outputs its objective
+        reads.  Every model has ``.trunk``, the product that is kept.
+    build_objective: ``(cfg, |D|, device)`` -> its :class:`Objective`.
+    uses_bank: the objective keeps a memory bank of |D| rows and draws
+        ``objective.num_negatives`` from it (the config caps N at |D| - 1; an N set explicitly
+        must be below |D|).
+    needs_permutations: the views order patches by a fixed permutation set, which training
+        builds from ``train.seed`` and saves in the checkpoint.
+    has_f_and_g: the model has both heads f and g, so evaluation loads the whole model and the
+        invariance protocol measures ``||f(v_I) - g(v_I^t)||``.
+    """
+
+    name: str
+    views: Callable[[Config], SampleViews]
+    build_model: Callable[[Config], nn.Module]
+    build_objective: Callable[[Config, int, torch.device | str], Objective]
+    uses_bank: bool
+    needs_permutations: bool
+    has_f_and_g: bool
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("pirl", pirl.views, pirl.build_model, pirl.PIRLObjective,
+           uses_bank=True, needs_permutations=False, has_f_and_g=True),
+    Method("npid", npid.views, npid.build_model, npid.NPIDObjective,
+           uses_bank=True, needs_permutations=False, has_f_and_g=False),
+    Method("jigsaw", jigsaw.views, jigsaw.build_model, jigsaw.build_objective,
+           uses_bank=False, needs_permutations=True, has_f_and_g=False),
+    Method("rotation", rotation.views, rotation.build_model, rotation.build_objective,
+           uses_bank=False, needs_permutations=False, has_f_and_g=False),
+)}
+if set(REGISTRY) != set(METHODS):  # the config lists the names, torch-free; each needs an entry
+    raise ImportError(f"pirl.methods: registry {sorted(REGISTRY)} != config.METHODS "
+                      f"{sorted(METHODS)}")
+
+
+def get_method(name_or_cfg: str | Config) -> Method:
+    """The :class:`Method` of a name or of ``cfg.objective.method``."""
+    name = name_or_cfg if isinstance(name_or_cfg, str) else name_or_cfg.objective.method
+    if name not in REGISTRY:
+        raise ValueError(f"objective.method={name!r}: choose one of {list(METHODS)}")
+    return REGISTRY[name]
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The network of ``cfg.objective.method``, randomly initialised."""
+    return get_method(cfg).build_model(cfg)
+
+
+def build_objective(cfg: Config, dataset_size: int,
+                    device: torch.device | str = "cpu") -> Objective:
+    """The objective of ``cfg.objective.method`` for a dataset of ``dataset_size`` images, its
+    state (a memory bank, if any) on ``device``."""
+    return get_method(cfg).build_objective(cfg, dataset_size, device)
+
+
+def build_train_transform(cfg: Config, permutations: Tensor | None = None,
+                          defer_colour: bool = False) -> TrainTransform:
+    """The training transform of ``cfg.objective.method`` (its :class:`Method` ``views``).
+
+    ``permutations`` Long ``[n, P]``: the permutation set of a method that ``needs_permutations``;
+    when None, ``maximal_hamming_permutations(objective.num_permutations, views.grid, seed=0)``.
+    With ``defer_colour`` the colour is left to :class:`pirl.data.views.ColourCollate`."""
+    method = get_method(cfg)
+    if method.needs_permutations and permutations is None:
+        permutations = maximal_hamming_permutations(cfg.objective.num_permutations,
+                                                    cfg.views.grid, seed=0)
+    return TrainTransform(cfg.views, method.views(cfg), permutations, defer_colour=defer_colour)
+
+
+__all__ = ["METHODS", "REGISTRY", "Method", "Objective", "build_model", "build_objective",
+           "build_train_transform", "get_method"]
