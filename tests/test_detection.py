@@ -421,3 +421,23 @@ def test_bad_input_exits_2_with_one_line(tiny_raccoon: Path, tmp_path: Path,
         assert _cli([*argv, *out, "--quiet"]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("pirl eval detection: error:") and "\n" not in err, err
+
+
+@needs_data
+def test_an_undecodable_image_is_skipped_or_fatal_when_loaded(tmp_path: Path) -> None:
+    from pirl.data.datasets import UnreadableDataError
+    from pirl.evaluate.detection.engine import DetectionItems
+
+    (image_id, jpg, xml), = _raccoon_images(1)
+    root = _make_voc(tmp_path / "v", [(image_id, jpg[: len(jpg) // 3], xml)],
+                     {"trainval": [image_id]}, ["raccoon"])
+    src = VOCSource(str(root), "trainval")  # the size comes from the XML: indexed fine
+    assert DetectionItems(src)[0] is None
+    with pytest.raises(UnreadableDataError, match=f"{image_id}.jpg"):
+        DetectionItems(src, strict=True)[0]
+    good = VOCSource(str(_make_voc(tmp_path / "w", [(image_id, jpg, xml)],
+                                   {"trainval": [image_id]})), "trainval")
+    image, target = DetectionItems(good)[(0, True)]  # flipped: boxes mirrored
+    w = image.shape[-1]
+    assert torch.equal(image, good[0][0].flip(-1))
+    assert torch.allclose(target["boxes"][:, [2, 0]], w - good.target(0)["boxes"][:, [0, 2]])

@@ -235,17 +235,20 @@ def train_detector(model: nn.Module, source: VOCSource, schedule: Schedule,
         for group in opt.param_groups:
             group["lr"] = schedule.lr_at(it)
         skipped += loop.per_rank_batch - len(items)
-        if items:
-            images, targets = _to_device(items, env.device)
-            with loop.autocast():
-                losses = train_model(images, targets)
-            loss = sum(losses.values())
-            assert isinstance(loss, Tensor)
-        else:
-            # Every image of this rank's batch was unreadable: a zero loss still joins DDP's
-            # gradient all-reduce, so the other ranks do not wait forever.
-            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # type: ignore[assignment]
-            losses = {}
+        blank = not items
+        if blank:
+            # Every image of this rank's batch was unreadable: a blank image without objects
+            # still goes through the (DDP) forward and backward, scaled to zero, so this rank
+            # joins the gradient all-reduce and the other ranks do not wait forever.
+            items = [(torch.zeros(3, 64, 64, dtype=torch.uint8),
+                      {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})]
+        images, targets = _to_device(items, env.device)
+        with loop.autocast():
+            losses = train_model(images, targets)
+        loss = sum(losses.values())
+        assert isinstance(loss, Tensor)
+        if blank:
+            loss, losses = loss * 0.0, {}
         value = float(loss.detach())
         if not math.isfinite(value):
             raise DivergedError(f"detection fine-tuning: loss became {value} at iteration {it} "
