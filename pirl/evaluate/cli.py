@@ -71,7 +71,7 @@ def _stage_arg(p: argparse.ArgumentParser) -> None:
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``eval`` and its protocols on the ``pirl`` subcommand parser."""
     ev = subparsers.add_parser("eval", help="evaluate a trunk: knn, linear, svm, finetune, "
-                               "invariance, neighbors")
+                               "invariance, neighbors, detection")
     sub = ev.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
 
     p = sub.add_parser("knn", help="NPID weighted kNN on frozen features (top-1 / top-5)")
@@ -134,6 +134,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     for name, parser in sub.choices.items():
         parser.set_defaults(func=run_eval, protocol=name)
+
+    # Detection fine-tunes a whole detector: its own options and handler.
+    from pirl.evaluate.detection.cli import add_detection_parser
+
+    add_detection_parser(sub)
     return ev
 
 
