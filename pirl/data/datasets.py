@@ -207,7 +207,7 @@ class TarSource(ImageSource):
             # decompressing from the start for every image.
             with tarfile.open(self.path, "r:") as tf:
                 for m in tf:
-                    parts = _safe_parts(m.name)
+                    parts = safe_parts(m.name)
                     if parts is None:
                         log.warning("ignoring unsafe member %r in %s", m.name, self.path)
                         continue
@@ -265,7 +265,7 @@ class TarSource(ImageSource):
         return decode_image(self.read_bytes(i), self.describe(i))
 
 
-def _safe_parts(name: str) -> tuple[str, ...] | None:
+def safe_parts(name: str) -> tuple[str, ...] | None:
     """Member name -> path parts, or None when absolute or containing ``..``."""
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return None

@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pirl.data.datasets import BadImageError, DatasetError, decode_image
+from pirl.data.source import BadImageError, DatasetError, decode_image
 from pirl.data.voc_files import Files, FolderFiles, TarFiles, find_voc_root, open_files
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ import tarfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pirl.data.datasets import BadImageError, DatasetError, _safe_parts
+from pirl.data.datasets import safe_parts
+from pirl.data.source import BadImageError, DatasetError
 
 ROOT_MARKERS = ("Annotations", "JPEGImages")
 
@@ -85,7 +86,7 @@ class TarFiles(Files):
             # "r:" = no compression: a compressed stream has no random access.
             with tarfile.open(path, "r:") as tf:
                 for m in tf:
-                    parts = _safe_parts(m.name)
+                    parts = safe_parts(m.name)
                     if parts and m.isfile() and not m.issparse():
                         self.index["/".join(parts)] = (m.offset_data, m.size)
         except tarfile.ReadError as e:

@@ -66,6 +66,9 @@ class Method:
         builds from ``train.seed`` and saves in the checkpoint.
     has_f_and_g: the model has both heads f and g, so evaluation loads the whole model and the
         invariance protocol measures ``||f(v_I) - g(v_I^t)||``.
+    transfer_lr_rule: the learning-rate rule detection fine-tuning starts such a trunk with, as
+        the paper does: ``contrastive`` (a low lr, long warm-up) for PIRL and NPID++ trunks,
+        ``supervised`` for the rest (see :mod:`pirl.evaluate.detection.schedule`).
     """
 
     name: str
@@ -75,17 +78,22 @@ class Method:
     uses_bank: bool
     needs_permutations: bool
     has_f_and_g: bool
+    transfer_lr_rule: str
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("pirl", pirl.views, pirl.build_model, pirl.PIRLObjective,
-           uses_bank=True, needs_permutations=False, has_f_and_g=True),
+           uses_bank=True, needs_permutations=False, has_f_and_g=True,
+           transfer_lr_rule="contrastive"),
     Method("npid", npid.views, npid.build_model, npid.NPIDObjective,
-           uses_bank=True, needs_permutations=False, has_f_and_g=False),
+           uses_bank=True, needs_permutations=False, has_f_and_g=False,
+           transfer_lr_rule="contrastive"),
     Method("jigsaw", jigsaw.views, jigsaw.build_model, jigsaw.build_objective,
-           uses_bank=False, needs_permutations=True, has_f_and_g=False),
+           uses_bank=False, needs_permutations=True, has_f_and_g=False,
+           transfer_lr_rule="supervised"),
     Method("rotation", rotation.views, rotation.build_model, rotation.build_objective,
-           uses_bank=False, needs_permutations=False, has_f_and_g=False),
+           uses_bank=False, needs_permutations=False, has_f_and_g=False,
+           transfer_lr_rule="supervised"),
 )}
 if set(REGISTRY) != set(METHODS):  # the config lists the names, torch-free; each needs an entry
     raise ImportError(f"pirl.methods: registry {sorted(REGISTRY)} != config.METHODS "

@@ -229,7 +229,7 @@ def _describe(src: Any) -> dict[str, Any]:
 
 def _draw(test: Any, detections: list[Any], classes: list[str], out: Path,
           args: argparse.Namespace, name: str) -> Path | None:
-    from pirl.data.datasets import BadImageError
+    from pirl.data.source import BadImageError
     from pirl.evaluate.detection.plot import draw_detections
 
     n = min(args.png_images, len(test))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pirl.checkpoint import atomic_save, rng_state, safe_load, set_rng_state
 from pirl.config import ConfigError
-from pirl.data.datasets import BadImageError, UnreadableDataError
+from pirl.data.source import BadImageError, UnreadableDataError
 from pirl.data.voc import VOCSource
 from pirl.distributed import DistEnv, is_distributed
 from pirl.evaluate.detection.schedule import Schedule

@@ -29,14 +29,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pirl.methods import REGISTRY, get_method
+
 REFERENCE_BATCH = 16
 SCHEDULES: dict[str, tuple[int, int]] = {"voc07+12": (25_000, 17_000), "voc07": (12_500, 9_500),
                                          "short": (200, 150)}
 LR_RULES: dict[str, tuple[float, int]] = {"supervised": (0.02, 100), "contrastive": (0.003, 1000)}
 WARMUP_FACTOR = 1.0 / 3.0
-# objective.method of a pirl checkpoint -> rule.  Anything else (jigsaw, rotation, supervised,
-# a torchvision file) starts from the supervised rule, as the paper's Jigsaw does.
-CONTRASTIVE_METHODS = ("pirl", "npid")
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,12 @@ class Schedule:
 
 
 def rule_for_method(method: str | None) -> str:
-    """The lr rule the paper uses for a trunk trained with ``method`` (None = unknown)."""
-    return "contrastive" if method in CONTRASTIVE_METHODS else "supervised"
+    """The lr rule the paper uses for a trunk trained with ``method`` (its registry entry's
+    ``transfer_lr_rule``).  A trunk of unknown origin (None: a torchvision or Detectron2 file, a
+    bare trunk.pt) starts from the supervised rule, as the paper's Jigsaw does."""
+    if method is None or method not in REGISTRY:
+        return "supervised"
+    return get_method(method).transfer_lr_rule
 
 
 def resolve_schedule(name: str, lr_rule: str, global_batch: int,
