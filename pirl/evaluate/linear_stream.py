@@ -38,7 +38,6 @@ wrapped in DDP (gradients all-reduced) and rank 0 writes the checkpoint.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,41 +102,6 @@ def stage_dims(trunk: nn.Module, stages: Sequence[str], image_size: int) -> dict
     trunk.eval()
     x = torch.zeros(1, 3, image_size, image_size, device=dev)
     return {s: f.shape[1] for s, f in pooled_batch(trunk, x, stages, bf16=False).items()}
-
-
-# ----------------------------------------------------------------------------- mode choice
-
-
-def physical_memory_bytes() -> int:
-    """Installed RAM (0 where sysconf cannot tell)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def cached_feature_bytes(num_train: int, num_val: int, copies: int, dims: dict[str, int],
-                         disk_cache: bool) -> int:
-    """Feature memory of the cached linear probe: float32 features of every stage for the val
-    split and the training copies it holds at once (all of them without a disk cache, one with
-    it: each epoch reloads its copy)."""
-    held = 1 if disk_cache else copies
-    return (num_train * held + num_val) * sum(dims.values()) * 4
-
-
-def choose_mode(stream: bool, budget_gb: float | None, need_bytes: int) -> tuple[str, str]:
-    """("stream" | "cached", why): ``--stream`` forces streaming; otherwise stream exactly when
-    the cached features would exceed the budget (``--memory-budget`` GB, default half the RAM)."""
-    if stream:
-        return "stream", "--stream given"
-    if budget_gb is not None:
-        budget, what = int(budget_gb * 2**30), f"--memory-budget {budget_gb:g} GB"
-    else:
-        budget, what = physical_memory_bytes() // 2, "half of the RAM"
-    need = f"cached features need ~{need_bytes / 2**30:.2f} GB"
-    if budget and need_bytes > budget:
-        return "stream", f"{need} > {what} ({budget / 2**30:.2f} GB)"
-    return "cached", f"{need} <= {what} ({budget / 2**30:.2f} GB)"
 
 
 # ----------------------------------------------------------------------------- data
