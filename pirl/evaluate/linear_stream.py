@@ -65,6 +65,7 @@ from pirl.evaluate.features import (
     check_labelled_splits,
     eval_view,
     pool_stage,
+    seeded_rng,
     source_fingerprint,
     trunk_fingerprint,
 )
@@ -160,8 +161,6 @@ class ProbeHeads(nn.Module):
     """
 
     def __init__(self, dims: dict[str, int], num_classes: int, seed: int) -> None:
-        from pirl.evaluate.features import seeded_rng
-
         super().__init__()
         self.stages = list(dims)
         self.heads = nn.ModuleDict()
@@ -179,53 +178,43 @@ class ProbeHeads(nn.Module):
         return out
 
 
-def feature_stats(trunk: nn.Module, train: ImageSource, view: View, stages: Sequence[str],
+def feature_stats(trunk: nn.Module, train: ImageSource, view: View, dims: dict[str, int],
                   settings: EvalSettings, limit: int, seed: int, bf16: bool
                   ) -> dict[str, tuple[Tensor, Tensor]]:
-    """{stage: (mean [F], std [F])} over ``view`` of ``limit`` training images (a seeded subset,
-    read in index order; every image when the split is smaller), with the cached mode's
-    regularised std ``sqrt(var + STD_EPS * mean(var))``.  Running float64 sums of the features
-    and their squares, shifted by the first batch's mean against cancellation: O(F) memory."""
+    """{stage: (mean [F], std [F])} for the stages of ``dims`` ({stage: F}) over ``view`` of
+    ``limit`` training images (a seeded subset, read in index order; every image when the split
+    is smaller), with the cached mode's regularised std ``sqrt(var + STD_EPS * mean(var))``.
+    Running float64 sums of the features and of their squares (O(F) memory; all-reduced over
+    ranks): float64 keeps the variance to ~10 digits even for a feature whose mean is 100x its
+    std."""
     n = len(train)
-    if n > limit:
-        pick = torch.randperm(n, generator=make_generator(seed + 1))[:limit].sort().values
-        chosen: Sequence[int] = pick.tolist()
-    else:
-        chosen = range(n)
-    mine = [chosen[i] for i in shard(len(chosen))]
+    chosen: Sequence[int] = range(n)
+    if n > limit:  # a random subset: ImageFolder order would give the first classes only
+        chosen = torch.randperm(n, generator=make_generator(seed + 1))[:limit].sort()[0].tolist()
     device = settings.device
-    shift: dict[str, Tensor] = {}
-    sums: dict[str, Tensor] = {}
+    stages = list(dims)
+    sums = {s: torch.zeros(2, d, dtype=torch.float64, device=device) for s, d in dims.items()}
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in tqdm(_loader(train, view, settings, indices=mine), desc="stream stats",
-                      disable=settings.quiet, leave=False):
+    for batch in tqdm(_loader(train, view, settings, indices=[chosen[i] for i in
+                                                               shard(len(chosen))]),
+                      desc="stream stats", disable=settings.quiet, leave=False):
         if "index" not in batch:
             continue
         feats = pooled_batch(trunk, normalize(batch["image"].to(device)), stages, bf16)
         for s, f in feats.items():
             f = f.double()
-            if s not in shift:
-                shift[s] = f.mean(0)
-                sums[s] = torch.zeros(2, f.shape[1], dtype=torch.float64, device=device)
-            d = f - shift[s]
-            sums[s] += torch.stack([d.sum(0), (d * d).sum(0)])
+            sums[s] += torch.stack([f.sum(0), (f * f).sum(0)])
         count += len(batch["index"])
-    if is_distributed():
-        # Each rank shifted by its own first batch: undo the shifts (float64 keeps ~12 digits
-        # for any realistic mean/std ratio) so that plain sums can be all-reduced.
-        for s in stages:
-            raw = torch.stack([sums[s][0] + count * shift[s],
-                               sums[s][1] + 2 * shift[s] * sums[s][0] + count * shift[s] ** 2])
-            sums[s], shift[s] = _all_sum(raw), torch.zeros_like(shift[s])
-        count = _all_sum(count)
+    count = _all_sum(count)
     if count < 2:
         raise RuntimeError("stream stats: fewer than 2 readable training images")
     out = {}
     for s in stages:
-        mean_d = sums[s][0] / count
-        var = ((sums[s][1] - count * mean_d ** 2) / (count - 1)).clamp_min(0)  # unbiased
+        total = _all_sum(sums[s])
+        mean = total[0] / count
+        var = ((total[1] - count * mean ** 2) / (count - 1)).clamp_min(0)  # unbiased, as .var()
         std = (var + STD_EPS * var.mean().clamp_min(1e-12)).sqrt()
-        out[s] = ((shift[s] + mean_d).float(), std.float())
+        out[s] = (mean.float(), std.float())
     return out
 
 
@@ -380,7 +369,7 @@ def run_linear_stream(trunk: nn.Module, train: ImageSource, val: ImageSource,
     if resumed is None and standardize:
         # Copy 0 of the augmentation: the view whose statistics the cached mode uses.
         stats = feature_stats(trunk, train, augmented_view(view_cfg, 0, seed, crop_scale_min),
-                              stages, settings, stat_images, seed, bf16)
+                              dims, settings, stat_images, seed, bf16)
         for s, (mean, std) in stats.items():
             getattr(heads, f"mean_{s}").copy_(mean)
             getattr(heads, f"std_{s}").copy_(std)
