@@ -137,7 +137,9 @@ def _loader(source: ImageSource, view: View, settings: EvalSettings,
                               "pin_memory": settings.device.type == "cuda"}
     if batches is not None:
         return DataLoader(ds, batch_sampler=batches, **common)
-    return DataLoader(Subset(ds, list(indices or [])), batch_size=settings.batch_size, **common)
+    # ``indices`` may be a range: no per-image list for the val pass
+    return DataLoader(Subset(ds, indices if indices is not None else []),
+                      batch_size=settings.batch_size, **common)
 
 
 def _all_sum(t: Tensor) -> Tensor:
@@ -282,7 +284,7 @@ def _evaluate(heads: nn.Module, trunk: nn.Module, val: ImageSource, view: View,
     hits = torch.zeros(len(stages), 2, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     heads.eval()
-    for batch in tqdm(_loader(val, view, settings, indices=list(shard(len(val)))),
+    for batch in tqdm(_loader(val, view, settings, indices=shard(len(val))),
                       desc="stream val", disable=settings.quiet, leave=False):
         if "index" not in batch:
             continue
