@@ -117,6 +117,8 @@ def test_stream_agrees_with_cached_on_real_images(real_splits, tmp_path) -> None
     assert stream["stat_images"] == len(train)
     for s in stages:
         a, b = cached["layers"][s], stream["layers"][s]
+        print(f"{s}: cached top-1 {a['top1']:.1f} loss {a['final_loss']:.5f}, "
+              f"stream top-1 {b['top1']:.1f} loss {b['final_loss']:.5f}")
         assert a["dim"] == b["dim"]
         assert abs(a["top1"] - b["top1"]) <= 2.0, (s, a, b)
         assert abs(a["final_loss"] - b["final_loss"]) <= 1e-3 * a["final_loss"], (s, a, b)
