@@ -34,7 +34,8 @@ def _common(p: argparse.ArgumentParser, needs_train: bool, many_checkpoints: boo
     p.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
                    help="pirl checkpoint (any method), trunk.pt, torchvision / Detectron2 / VISSL "
                    "file, or 'random' (with --arch)"
-                   + ("; repeat to overlay several" if many_checkpoints else ""))
+                   + ("; repeat to overlay several" if many_checkpoints else
+                      "; repeat with --concat to evaluate the trunks' features side by side"))
     p.add_argument("--arch", default=None, choices=C.ARCHS,
                    help="architecture for --checkpoint random (files: inferred, must agree)")
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
@@ -68,6 +69,12 @@ def _stage_arg(p: argparse.ArgumentParser) -> None:
                    help="trunk stage whose pooled features are used (default: res5)")
 
 
+def _concat_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concat", action="store_true",
+                   help="PIRL-ens: with several --checkpoint, concatenate their pooled features "
+                   "per stage (each trunk's features cached on their own)")
+
+
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``eval`` and its protocols on the ``pirl`` subcommand parser."""
     ev = subparsers.add_parser("eval", help="evaluate a trunk: knn, linear, svm, finetune, "
@@ -77,6 +84,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("knn", help="NPID weighted kNN on frozen features (top-1 / top-5)")
     _common(p, True, False)
     _stage_arg(p)
+    _concat_arg(p)
     p.add_argument("--k", type=int, default=200, help="neighbours that vote (NPID: 200)")
     p.add_argument("--tau", type=float, default=0.07, help="vote weight exp(similarity / tau)")
 
@@ -86,7 +94,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"comma-separated stages from {','.join(STAGES)}, or 'all' (prints the "
                    "per-layer table with the best layer marked)")
     p.add_argument("--epochs", type=int, default=30,
-                   help="training epochs; lr x0.1 after 1/3 and 2/3 of them")
+                   help="training epochs; lr x0.1 after 1/3 and 2/3 of them (ImageNet: 28)")
     p.add_argument("--aug-copies", type=int, default=5,
                    help="augmented copies of the training split whose features are extracted "
                    "(epoch e uses copy e mod N); = --epochs gives a fresh augmentation every epoch "
@@ -99,10 +107,23 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-standardize", action="store_true",
                    help="train on raw pooled features (default: standardised with training "
                    "mean/std, which lets one lr serve every stage)")
+    p.add_argument("--stream", action="store_true",
+                   help="streaming probe: the trunk runs on every training batch of every epoch "
+                   "(fresh augmentation; --aug-copies unused), one head per layer, no feature "
+                   "memory; checkpointed to --out/linear_stream.pt each epoch, a rerun resumes. "
+                   "Default: only when the cached features would exceed --memory-budget")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                   help="feature memory allowed to the cached probe before it streams instead "
+                   "(default: half of the RAM)")
+    p.add_argument("--stat-images", type=int, default=10_000,
+                   help="stream: training images whose features give the frozen standardisation "
+                   "statistics (the whole split when smaller)")
+    _concat_arg(p)
 
     p = sub.add_parser("svm", help="one-vs-rest linear SVMs, cost by cross-validation (mAP)")
     _common(p, True, False)
     _stage_arg(p)
+    _concat_arg(p)
     p.add_argument("--costs", default="0.01,0.1,1,10,100",
                    help="comma-separated SVM costs C tried by cross-validation")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds")
@@ -231,9 +252,11 @@ def _run(args: argparse.Namespace) -> int:
     from pirl.evaluate.loading import load_eval_model, unique_labels
 
     protocol = args.protocol
-    if protocol != "invariance" and len(args.checkpoint) != 1:
+    concat = getattr(args, "concat", False)
+    if protocol != "invariance" and len(args.checkpoint) != 1 and not concat:
         raise C.ConfigError(f"pirl eval {protocol} takes one --checkpoint (got "
-                            f"{len(args.checkpoint)}); only invariance overlays several")
+                            f"{len(args.checkpoint)}); several need --concat (knn, linear, svm) "
+                            "or overlay in invariance")
     for path in args.checkpoint:
         if path == "random" and args.arch is None:
             raise C.ConfigError("--checkpoint random needs --arch (resnet18, resnet34, resnet50)")
@@ -254,13 +277,18 @@ def _run(args: argparse.Namespace) -> int:
                             cache_dir=None if args.no_cache else args.cache_dir)
     val = open_source(args.val_data)
     out = Path(args.out)
-    meta = {"checkpoint": args.checkpoint if protocol == "invariance" else args.checkpoint[0],
+    several = protocol == "invariance" or concat
+    meta = {"checkpoint": args.checkpoint if several else args.checkpoint[0],
             "train_data": getattr(args, "train_data", None), "val_data": args.val_data,
             "views": dataclasses.asdict(views), "views_from": views_from,
             "device": str(settings.device),
             # which weights were evaluated, whatever the file is called (also the cache key)
             "trunk_hash": [trunk_fingerprint(m.trunk) for m in models]}
     trunk = models[0].trunk
+    if concat and len(models) > 1:
+        from pirl.evaluate.ensemble import TrunkEnsemble
+
+        trunk, names = TrunkEnsemble([m.trunk for m in models]), ["+".join(names)]
 
     if protocol == "invariance":
         from pirl.evaluate.invariance import run_invariance
@@ -277,6 +305,8 @@ def _run(args: argparse.Namespace) -> int:
         r, table = _frozen_or_finetune(args, trunk, names[0], open_source(args.train_data), val,
                                        views, settings, out)
 
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return 0  # a torchrun job (streaming probe): rank 0 reports for all
     path = _write_json(out, protocol, {**r, "meta": meta})
     print(table)
     print(f"\nwrote {path}" + (f" and {r['png']}" if r.get("png") else ""))
@@ -295,13 +325,9 @@ def _frozen_or_finetune(args: argparse.Namespace, trunk: torch.nn.Module, name: 
         table = markdown_table(["checkpoint", "stage", "k", "top-1", "top-5"],
                                [[name, r["stage"], r["k"], r["top1"], r["top5"]]])
     elif protocol == "linear":
-        from pirl.evaluate.linear import details_table, layer_table, run_linear
+        from pirl.evaluate.linear import details_table, layer_table
 
-        r = run_linear(trunk, train, val, views, settings, stages=parse_layers(args.layers),
-                       epochs=args.epochs, aug_copies=args.aug_copies, lr=args.lr,
-                       momentum=args.momentum, weight_decay=args.weight_decay,
-                       batch_size=args.probe_batch_size, seed=args.seed,
-                       standardize=not args.no_standardize)
+        r = _linear(args, trunk, train, val, views, settings, out)
         table = details_table(r)
         if len(r["layers"]) > 1:
             table = layer_table(r, name) + "\n\n" + table
@@ -330,3 +356,36 @@ def _frozen_or_finetune(args: argparse.Namespace, trunk: torch.nn.Module, name: 
         table = markdown_table(["checkpoint", "stage", "k", "precision@k"],
                                [[name, r["stage"], r["k"], r["precision_at_k"]]])
     return r, table
+
+
+def _linear(args: argparse.Namespace, trunk: torch.nn.Module, train: ImageSource,
+            val: ImageSource, views: C.ViewConfig, settings: EvalSettings,
+            out: Path) -> dict[str, Any]:
+    """The linear protocol, cached or streaming (see :mod:`pirl.evaluate.linear_mode`)."""
+    from pirl.evaluate import linear_mode
+    from pirl.evaluate.linear import run_linear
+
+    stages = parse_layers(args.layers)
+    common = {"stages": stages, "epochs": args.epochs, "lr": args.lr,
+              "momentum": args.momentum, "weight_decay": args.weight_decay,
+              "batch_size": args.probe_batch_size, "seed": args.seed,
+              "standardize": not args.no_standardize}
+    copies = min(args.aug_copies, args.epochs)
+    mode, why = linear_mode.decide(trunk, stages, views.image_size, len(train), len(val), copies,
+                                   settings.cache_dir is not None, args.stream,
+                                   args.memory_budget)
+    print(f"pirl eval linear: {mode} mode ({why})", file=sys.stderr)
+    if mode == "cached":
+        r = run_linear(trunk, train, val, views, settings, aug_copies=args.aug_copies, **common)
+    else:
+        import os
+
+        from pirl.evaluate.linear_stream import run_linear_stream
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one rank per device
+            from pirl.distributed import setup_distributed
+
+            settings.device = setup_distributed(args.device).device
+        r = run_linear_stream(trunk, train, val, views, settings, out=out,
+                              stat_images=args.stat_images, **common)
+    return {**r, "mode": mode, "mode_reason": why}

@@ -54,6 +54,7 @@ from pirl.data.sampler import usable_workers
 from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, normalize
 from pirl.distributed import all_gather_ragged, any_rank, gather_sizes, is_distributed, shard
+from pirl.evaluate.ensemble import TrunkEnsemble, concat_features
 from pirl.trunk import STAGES, stage_features
 
 # Target number of values per pooled stage (Goyal et al.'s benchmark: ~9k).
@@ -331,6 +332,9 @@ def extract_features(trunk: nn.Module, source: ImageSource, stages: Sequence[str
     ``trunk_id`` / ``data_id`` may be passed to skip re-hashing when the caller already has them.
     Returns {stage: Features} with feats [N, F] float32 on the CPU.
     """
+    if isinstance(trunk, TrunkEnsemble):  # --concat: each member's (cached) features
+        return concat_features([extract_features(m, source, stages, view, settings, desc=desc,
+                                                 data_id=data_id) for m in trunk.members])
     for s in stages:
         if s not in STAGES:
             raise ValueError(f"unknown stage {s!r}: choose from {list(STAGES)}")
