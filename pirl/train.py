@@ -49,6 +49,7 @@ from pirl.methods import (
     build_model,
     build_objective,
     build_train_transform,
+    fit_to_labels,
     get_method,
 )
 from pirl.schedule import build_optimizer, lr_at, peak_lr, set_lr
@@ -212,6 +213,7 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     if cfg.optim.batch_size > n:
         raise C.ConfigError(f"optim.batch_size={cfg.optim.batch_size}: larger than the dataset "
                             f"({n} images in {data})")
+    fit_to_labels(cfg, source, data)  # a method trained on labels: checks them, sets num_classes
     env.barrier()  # rank 0 has created the run folder; every rank now reads the same checkpoint
     ckpt = load_run_checkpoint(out)
     if ckpt is not None:

@@ -1,17 +1,19 @@
-"""The methods: PIRL and the baselines it is compared with.  Open :mod:`pirl.methods.pirl` first.
+"""The methods: PIRL, the baselines it is compared with, and supervised pre-training.  Open
+:mod:`pirl.methods.pirl` first.
 
-=========  =====================================  ====================  ========================
-method     a training sample holds                model returns         objective
-=========  =====================================  ====================  ========================
-pirl       image [3,S,S] and, by pretext, patches  z_img, z_t [B,D]      Eq. 5 against the bank
-           [P,3,p,p] (jigsaw; jigsaw+rotation:
-           cut from the rotated crop) or rotated
-           [3,S,S] (rotation)
-npid       image                                   z_img                 NCE against the bank
-jigsaw     patches ordered by a permutation of     logits [B,n]          cross-entropy
-           the set, perm_label ()
-rotation   rotated, rotation ()                    logits [B,4]          cross-entropy
-=========  =====================================  ====================  ========================
+==========  =====================================  ====================  ========================
+method      a training sample holds                model returns         objective
+==========  =====================================  ====================  ========================
+pirl        image [3,S,S] and, by pretext, patches  z_img, z_t [B,D]      Eq. 5 against the bank
+            [P,3,p,p] (jigsaw; jigsaw+rotation:
+            cut from the rotated crop) or rotated
+            [3,S,S] (rotation)
+npid        image                                   z_img                 NCE against the bank
+jigsaw      patches ordered by a permutation of     logits [B,n]          cross-entropy
+            the set, perm_label ()
+rotation    rotated, rotation ()                    logits [B,4]          cross-entropy
+supervised  image, label () (the data's class)      logits [B,K]          cross-entropy
+==========  =====================================  ====================  ========================
 
 This registry is the one place that tells the methods apart by name: everything else asks
 :func:`get_method` for the :class:`Method` of ``cfg.objective.method`` and reads its fields.
@@ -19,6 +21,7 @@ This registry is the one place that tells the methods apart by name: everything 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,11 +29,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from pirl.config import METHODS, Config
+from pirl.config import METHODS, Config, ConfigError
 from pirl.data.jigsaw import maximal_hamming_permutations
+from pirl.data.source import ImageSource
 from pirl.data.views import SampleViews, TrainTransform
 from pirl.memory_bank import MemoryBank
-from pirl.methods import jigsaw, npid, pirl, rotation
+from pirl.methods import jigsaw, npid, pirl, rotation, supervised
+
+log = logging.getLogger(__name__)
 
 
 class Objective(Protocol):
@@ -69,6 +75,8 @@ class Method:
     transfer_lr_rule: the learning-rate rule detection fine-tuning starts such a trunk with, as
         the paper does: ``contrastive`` (a low lr, long warm-up) for PIRL and NPID++ trunks,
         ``supervised`` for the rest (see :mod:`pirl.evaluate.detection.schedule`).
+    needs_labels: the objective trains on the data's labels (``batch["label"]``) and the model
+        has ``objective.num_classes`` outputs, which :func:`fit_to_labels` takes from the data.
     """
 
     name: str
@@ -79,21 +87,25 @@ class Method:
     needs_permutations: bool
     has_f_and_g: bool
     transfer_lr_rule: str
+    needs_labels: bool
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("pirl", pirl.views, pirl.build_model, pirl.PIRLObjective,
            uses_bank=True, needs_permutations=False, has_f_and_g=True,
-           transfer_lr_rule="contrastive"),
+           transfer_lr_rule="contrastive", needs_labels=False),
     Method("npid", npid.views, npid.build_model, npid.NPIDObjective,
            uses_bank=True, needs_permutations=False, has_f_and_g=False,
-           transfer_lr_rule="contrastive"),
+           transfer_lr_rule="contrastive", needs_labels=False),
     Method("jigsaw", jigsaw.views, jigsaw.build_model, jigsaw.build_objective,
            uses_bank=False, needs_permutations=True, has_f_and_g=False,
-           transfer_lr_rule="supervised"),
+           transfer_lr_rule="supervised", needs_labels=False),
     Method("rotation", rotation.views, rotation.build_model, rotation.build_objective,
            uses_bank=False, needs_permutations=False, has_f_and_g=False,
-           transfer_lr_rule="supervised"),
+           transfer_lr_rule="supervised", needs_labels=False),
+    Method("supervised", supervised.views, supervised.build_model, supervised.build_objective,
+           uses_bank=False, needs_permutations=False, has_f_and_g=False,
+           transfer_lr_rule="supervised", needs_labels=True),
 )}
 if set(REGISTRY) != set(METHODS):  # the config lists the names, torch-free; each needs an entry
     raise ImportError(f"pirl.methods: registry {sorted(REGISTRY)} != config.METHODS "
@@ -120,6 +132,24 @@ def build_objective(cfg: Config, dataset_size: int,
     return get_method(cfg).build_objective(cfg, dataset_size, device)
 
 
+def fit_to_labels(cfg: Config, source: ImageSource, where: str) -> None:
+    """For a method that ``needs_labels``: stop with :class:`pirl.config.ConfigError` (one line
+    naming ``where``, the data's path) unless every image of ``source`` is labelled, and set
+    ``objective.num_classes`` to the data's number of classes when it is 0.  A number set
+    explicitly must match the data: a smaller one cannot score every label, and a larger one
+    trains outputs that no image ever asks for.  Nothing to do for the other methods."""
+    if not get_method(cfg).needs_labels:
+        return
+    k = supervised.labelled_classes(source, where)
+    o = cfg.objective
+    if o.num_classes and o.num_classes != k:
+        raise ConfigError(f"objective.num_classes={o.num_classes}: the training data {where} has "
+                          f"{k} classes; leave it at 0 to take the data's")
+    if not o.num_classes:
+        log.info("objective.num_classes=%d: the classes of %s", k, where)
+    o.num_classes = k
+
+
 def build_train_transform(cfg: Config, permutations: Tensor | None = None,
                           defer_colour: bool = False) -> TrainTransform:
     """The training transform of ``cfg.objective.method`` (its :class:`Method` ``views``).
@@ -135,4 +165,4 @@ def build_train_transform(cfg: Config, permutations: Tensor | None = None,
 
 
 __all__ = ["METHODS", "REGISTRY", "Method", "Objective", "build_model", "build_objective",
-           "build_train_transform", "get_method"]
+           "build_train_transform", "fit_to_labels", "get_method"]
