@@ -66,16 +66,16 @@ MODES: dict[str, dict[str, Any]] = {
     "cpu": {"preset": Q.DEFAULT_PRESET, "subset": Q.DEFAULT_SUBSET, "epochs": None,
             "batch_size": None, "overrides": [], "schedule": "short", "iters": None,
             "min_size": 160, "max_size": None, "ft_batch_size": 2, "roi_batch": None,
-            "test_proposals": None, "seeds": "0,1,2"},
+            "test_proposals": None, "seeds": "0,1,2", "workers": 1},
     "cuda": {"preset": "imagenette96-r18", "subset": 0, "epochs": None, "batch_size": None,
              "overrides": [], "schedule": "voc07", "iters": 1500, "min_size": 480,
              "max_size": None, "ft_batch_size": 8, "roi_batch": None, "test_proposals": None,
-             "seeds": "0,1,2"},
+             "seeds": "0,1,2", "workers": 8},
     "quick": {"preset": Q.DEFAULT_PRESET, "subset": Q.QUICK["subset"],
               "epochs": Q.QUICK["epochs"], "batch_size": Q.QUICK["batch_size"],
               "overrides": list(Q.QUICK["overrides"]), "schedule": "short", "iters": 2,
               "min_size": 64, "max_size": 96, "ft_batch_size": 2, "roi_batch": 16,
-              "test_proposals": 10, "seeds": "0"},
+              "test_proposals": 10, "seeds": "0", "workers": 1},
 }
 
 
@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ft-batch-size", type=int, default=None, help="images per iteration")
     g.add_argument("--roi-batch", type=int, default=None)
     g.add_argument("--test-proposals", type=int, default=None)
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default 1; with --device cuda 8)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (quality.py says "
                    "why 1 on a shared machine)")
     p.add_argument("--out", default=str(REPO / ".cache" / "detection"),
@@ -261,10 +262,10 @@ def settings_text(args: argparse.Namespace, train_path: str) -> str:
     cfg = Q.method_config("pirl", args.preset, args.overrides, args.epochs, args.batch_size)
     return "\n".join([
         f"mode {args.mode}; fine-tuning seeds {args.seeds}; torch threads {args.threads}",
-        f"pre-training: {args.methods} on {train_path} ({args.subset or 'all'} images per class)"
-        f"; preset {args.preset}, {cfg.model.arch}, {cfg.views.image_size}-px views, "
-        f"{cfg.optim.epochs} epochs, batch {cfg.optim.batch_size}, seed {args.pretrain_seed}, "
-        f"overrides {args.overrides}",
+        f"pre-training: {', '.join(args.methods)} on {train_path} ({args.subset or 'all'} images "
+        f"per class); preset {args.preset}, {cfg.model.arch}, {cfg.views.image_size}-px views, "
+        f"epochs {cfg.optim.epochs}, batch {cfg.optim.batch_size}, seed {args.pretrain_seed}, "
+        f"overrides {args.overrides or 'none'}",
         "fine-tuning: pirl eval detection --checkpoint CKPT --data "
         f"{args.detection_root}/{{{','.join(args.datasets)}}}.tar --seed S "
         + " ".join(finetune_args(args)),
@@ -285,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     missing = [str(p) for p in [Path(args.train_data), *voc.values()] if not p.is_file()]
     if missing:
         raise SystemExit(f"detection.py: not found: {', '.join(missing)}")
+    from pirl.cli import build_parser as pirl_parser
+
+    shared = finetune_args(args)
+    # A bad fine-tuning option stops here (argparse, exit 2), not after the pre-trainings.
+    pirl_parser().parse_args(["eval", "detection", "--checkpoint", "random", "--data", "-",
+                              "--out", "-", *shared])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pirl").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -295,7 +302,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = settings_text(args, train_path)
     print(settings, flush=True)
     checkpoints = {m: pretrained_checkpoint(m, args, train_path, out) for m in args.methods}
-    shared = finetune_args(args)
     cells: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     # Seed by seed: a run stopped early has every pre-training's first fine-tune.

@@ -51,10 +51,11 @@ def test_modes_fill_what_was_not_given() -> None:
         ["--device", "cuda", "--iters", "10", "--data-root", "/data"]))
     assert (args.mode, args.preset, args.min_size, args.iters) == ("cuda", "imagenette96-r18",
                                                                      480, 10)
-    assert args.detection_root == "/data/detection"
+    assert args.detection_root == "/data/detection" and args.workers == 8
     args = B.resolve(B.build_parser().parse_args(["--data-root", "/data"]))
     assert (args.mode, args.preset, args.subset, args.schedule, args.seeds) == (
         "cpu", "imagenette-small", 200, "short", "0,1,2")
+    assert args.workers == 1 and args.overrides == []
     assert args.train_data == "/data/imagenette-96/train.tar"
 
 
