@@ -7,7 +7,7 @@ Every loss exists at two levels:
   because it computes the scores against the memory bank with a fast gather
   (``pirl.kernels.bank_scores.gather_scores``) and never materialises the ``[B,N,D]`` negatives.
 * ``nce / infonce / nce_fixed_z(query [B,D], positive [B,D], negatives [B,N,D] | [N,D], tau)``:
-  the public API of the issue: scores as dot products of L2-normalised vectors (= cosine
+  the public API: scores as dot products of L2-normalised vectors (= cosine
   similarity), then the ``*_from_logits`` function.  ``negatives`` of shape ``[N,D]`` are shared by
   the whole batch (one matrix product); ``[B,N,D]`` gives each sample its own.
 
@@ -78,7 +78,7 @@ class _NCELogits(torch.autograd.Function):
     """:func:`nce_from_logits` with its gradient formed during the forward pass.
 
     ``[B,N]`` is 8M elements at the paper's scale, and letting autograd differentiate the
-    logsumexp / softplus chain walks over it ~20 times; written out it takes ~9 passes.  With
+    logsumexp / softplus chain walks over it about twice as often as the written-out form.  With
     x_j = a_j - L (<= 0), t_j = sigmoid(x_j), softmax_j = exp(x_j) and d = L - a_p:
 
     * dloss/da_p = -sigmoid(d)

@@ -75,8 +75,8 @@ class MemoryBank(nn.Module):
           batch, so no sample ever sees its own or a batch-mate's row as a negative.  Without
           replacement when N is more than 5% of the rows left (small datasets, where repeats
           would matter) and fits; otherwise with replacement, where the expected share of repeated
-          rows, N / (2 x rows left), is below 2.5% and a ``randperm`` of 1.28M rows per step
-          (~50 ms on CPU) is saved.
+          rows, N / (2 x rows left), is below 2.5% and a ``randperm`` of every row per step
+          is saved.
         """
         if idx.dim() != 1:
             raise ValueError(f"idx must be Long [B]; got shape {tuple(idx.shape)}")

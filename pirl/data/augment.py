@@ -106,8 +106,8 @@ def sample_crop_box(height: int, width: int, scale: tuple[float, float],
 def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear, antialiased resize of uint8 ``[3,H,W]`` (or ``[B,3,H,W]``) to ``size = (h, w)``.
 
-    torch's uint8 path matches PIL's bilinear filter to within a grey level and is 2-4x faster
-    than PIL on this machine, *if* its input is a dense channels-last block: a crop of a decoded
+    torch's uint8 path matches PIL's bilinear filter to within a grey level and is faster than
+    PIL, *if* its input is a dense channels-last block: a crop of a decoded
     image is not (its rows are strided), and handing it over as is costs twice as much as
     copying it into one first.  The result is channels-last (strides ``(1, 3w, 3)``); callers
     that need planar memory call ``.contiguous()``.

@@ -1,4 +1,4 @@
-"""The jigsaw view I^t (PIRL.md, "Views") and the maximal-Hamming permutation set.
+"""The jigsaw view I^t (docs/method.md, "Views") and the maximal-Hamming permutation set.
 
 Geometry at the paper's numbers (``view_preset(224)``): an *independent* random resized crop
 covering at least 60% of the image, resized to 255 x 255, cut into a 3 x 3 grid of 85 x 85 cells;
@@ -155,8 +155,7 @@ def maximal_hamming_permutations(n: int, grid: int = 3, seed: int = 0) -> Tensor
     3. Each round adds the candidate whose *minimum* Hamming distance to the chosen set is largest;
        ties go to the largest *total* distance to the chosen set (Noroozi & Favaro's criterion),
        then to the earlier pool position.  Each candidate's minimum and total are updated with
-       its distance to the newly chosen permutation only, so a round costs O(pool x P): about
-       1 s for ``n = 100`` and 8 s for ``n = 2000`` on one core of the development machine.
+       its distance to the newly chosen permutation only, so a round costs O(pool x P).
 
     The greedy set is not optimal (at n = 1000 its minimum distance is 5; a random set of that
     size has minimum distance 0) but it is the standard construction.

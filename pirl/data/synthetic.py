@@ -21,7 +21,7 @@ augmentation that makes it ignore colour barely beat random init.
 Image ``i`` is a pure function of ``(seed, split, i, size)`` (its own ``numpy`` generator seeded
 from those), so any subset, worker or order gives the same pixels; train and val draw from
 different seed streams.  Label ``i`` is ``i % 10`` (balanced to within one image).  Images are
-drawn lazily in :meth:`SyntheticSource.load` (~0.3 ms each at 40 px): nothing is cached.
+drawn lazily in :meth:`SyntheticSource.load`: nothing is cached.
 :data:`STYLE` holds the nuisance ranges (the benchmarks swap in other :class:`Style` values to
 measure what the dataset's design does to the demo).
 """

@@ -35,8 +35,8 @@ def _one_thread(device: torch.device) -> Iterator[None]:
 
     Each chunk's gather and product are small (~16 MiB), so a parallel region per op costs more in
     synchronisation than it gains; on a CPU shared with other jobs it is far worse, because every
-    region waits for a descheduled worker.  Measured on the 2-core development machine (bank
-    1.28M x 128, B 256, N 32,000, forward scores): 1.2 s with one thread, 3-4 s with two.
+    region waits for a descheduled worker (docs/performance.md, "Measurements behind design
+    choices", has the timing).
     """
     if device.type != "cpu":
         yield

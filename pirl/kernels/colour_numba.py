@@ -60,7 +60,7 @@ def _hue_row(t: np.ndarray, W: int, a: np.ndarray, b: np.ndarray, half: np.float
     for x in range(W):
         r, g, bl = t[0, x], t[1, x], t[2, x]
         # The channels by index, as selects (indexing t by a loop-invariant row stopped the
-        # vectoriser: ~10x slower in a scratch timing).
+        # vectoriser).
         xa0 = r if a0 == 0 else (g if a0 == 1 else bl)
         xa1 = r if a1 == 0 else (g if a1 == 1 else bl)
         xa2 = r if a2 == 0 else (g if a2 == 1 else bl)
@@ -120,7 +120,7 @@ def _apply_ops(t: np.ndarray, W: int, order: np.ndarray, first: int, last: int,
 def _load_row(src: np.ndarray, i: int, y: int, t: np.ndarray) -> None:
     """Row ``y`` of item ``i`` of ``src [n, H, W * 3]`` (uint8, C-contiguous: channels-last
     pixels) as float32 ``t [3, W]``.  The known unit stride lets the compiler vectorise the
-    de-interleaving (2.7x faster than reading a strided ``[n, 3, H, W]`` view)."""
+    de-interleaving, which a strided ``[n, 3, H, W]`` view would not allow."""
     row = src[i, y]
     for x in range(t.shape[1]):
         t[0, x] = F32(row[3 * x])
@@ -174,7 +174,7 @@ def _hue_case(shift: float, a: np.ndarray, b: np.ndarray) -> np.float32:
 
 # One explicit signature, every array C-contiguous (the wrapper below makes them so): one
 # compilation, done when this module is first imported (or loaded from numba's disk cache), rather
-# than one per combination of array layouts met at run time, ~5 s each.
+# than one per combination of array layouts met at run time, each a compilation of its own.
 _SIGNATURE = ("void(uint8[:, :, ::1], uint8[:, :, :, ::1], float32[:, ::1], boolean[::1], "
               "boolean[::1], int64[::1], float32[:, :, ::1])")
 

@@ -35,7 +35,7 @@ def _round_to_uint8(y: Tensor, out: Tensor) -> Tensor:
     ``y + 2^23`` is exactly ``2^23 + round(y)``: seen as int32 its bits are ``0x4B000000 +
     round(y)``, whose low byte is ``round(y)``, and the int32 -> uint8 conversion keeps that byte
     (modulo 256).  Two vectorised passes; torch's direct float -> uint8 conversion is not
-    vectorised on CPU and is ~8x slower.
+    vectorised on CPU.
     """
     y.add_(_ROUND_MAGIC)
     return out.copy_(y.view(torch.int32))
@@ -261,10 +261,8 @@ def color_jitter_batch(x: Tensor, brightness: Tensor, contrast: Tensor, saturati
 
 # Rows and blocks in colour_jobs.  The colour operations are memory-bound and need ~60 bytes of
 # live temporaries per pixel: a block has to stay in the L2 cache (2 MB per core here) through
-# all the operations, and smaller blocks pay more per-call overhead (~2-3 us per torch op).  With
-# blocks' parameters cut by ``split`` (no per-block slicing), blocks of 45k pixels (2 per sample of
-# the paper preset) measured 5% faster than 24k (1.40 vs 1.48 ms per sample), 2-4% faster than
-# 41k or 90k (one block per sample) and within 1.5% of 49k / 57k.
+# all the operations, and smaller blocks pay more per-call overhead.  45k pixels (2 blocks per
+# sample of the paper preset) was the fastest size measured (docs/performance.md).
 _ROW_MAX = 8192
 _BLOCK_PIXELS = 45056
 
