@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 result = {"command": "python benchmarks/detection.py " + " ".join(
                               sys.argv[1:] if argv is None else list(argv)),
                           "settings": settings, "mode": args.mode, "train_data": train_path,
-                          "detection_data": {d: str(p) for d, p in voc.items()},
+                          "detection_data": {k: str(p) for k, p in voc.items()},
                           "seeds": seeds, "torch": torch.__version__, "cells": cells,
                           "summary": summarise(cells, args.methods, args.datasets)}
                 # written after every cell, so a long run that is stopped keeps what it measured
