@@ -74,7 +74,8 @@ def build_config(args: argparse.Namespace) -> C.Config:
                           "colour_backend": args.colour_backend})
     if args.patch:
         cfg.views.patch = args.patch
-    C.validate(cfg, dataset_size=args.bank)
+    C.validate(cfg)
+    C.fit_to_dataset(cfg, dataset_size=args.bank)
     return cfg
 
 

@@ -178,17 +178,16 @@ class _StopFlag:
 
 
 def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
-             explicit_negatives: bool = False, device: str | None = None,
-             stop_after_steps: int | None = None) -> RunResult:
+             device: str | None = None, stop_after_steps: int | None = None) -> RunResult:
     """Pretrain on ``data`` into the run folder ``out`` (resuming if it holds a checkpoint).
 
     Args:
-        cfg: the resolved config (validated again here against the dataset size).
+        cfg: the resolved config, fitted here to the dataset (:func:`pirl.config.fit_to_dataset`:
+            a preset's num_negatives is capped at |D| - 1, an explicitly set one must be below
+            |D|).
         data: training images: a folder, an ImageFolder .tar, or ``synthetic``.
         out: run folder: config.yaml, log.jsonl, checkpoint.pt, and trunk.pt at the end.
         val_data: labelled images for the kNN monitor (optional).
-        explicit_negatives: the user set num_negatives themselves, so it must be below |D|
-            (a preset's value is only an upper bound and is capped silently-with-a-note).
         device: "cpu", "cuda", "cuda:1"...; default: this rank's GPU if any, else CPU.
         stop_after_steps: stop (with a checkpoint) after this many steps of this call; for tests
             of interrupted runs.
@@ -200,9 +199,7 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     out = prepare_run_dir(out) if env.is_main else Path(out)
     source = open_source(data)
     n = len(source)
-    if explicit_negatives and cfg.objective.method in ("pirl", "npid"):
-        C.check_explicit_negatives(cfg.objective.num_negatives, n)
-    for note in C.validate(cfg, dataset_size=n):
+    for note in C.fit_to_dataset(cfg, n):
         if env.is_main:
             log.info(note)
     if cfg.optim.batch_size % env.world_size:

@@ -180,7 +180,8 @@ def test_overrides_fail_only_with_config_error(pairs: list[tuple[str, str]],
     cfg = C.from_preset(preset)
     try:
         C.apply_overrides(cfg, [f"{k}={v}" for k, v in pairs])
-        C.validate(cfg, dataset_size=100)
+        C.validate(cfg)
+        C.fit_to_dataset(cfg, dataset_size=100)
     except C.ConfigError as e:
         message = str(e)
         assert message and "\n" not in message.strip(), message  # one line
