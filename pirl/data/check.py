@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from tqdm import tqdm
-
 from pirl.data.datasets import BadImageError, decode_image, open_source
+from pirl.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,8 @@ def check_source(path: str, min_size: int = 1, progress: bool = False) -> list[t
     source = open_source(path)
     bad: list[tuple[str, str]] = []
     read = getattr(source, "read_bytes", None)
-    for i in tqdm(range(len(source)), desc=f"checking {path}", unit="img",
-                  disable=not progress):
+    for i in Progress(range(len(source)), desc=f"checking {path}", unit="image",
+                      disable=not progress, leave=True):
         name = source.describe(i)
         try:
             if read is None:
