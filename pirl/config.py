@@ -117,7 +117,9 @@ class TrainConfig:
     amp: bool = _f(True, "bfloat16 autocast on GPU (ignored on CPU)")
     channels_last: bool = _f(True, "channels_last memory format on GPU (ignored on CPU)")
     deterministic: bool = _f(False, "deterministic algorithms (slower); exact resume on CPU")
-    log_every: int = _f(20, "write a log line every this many steps")
+    log_every: int = _f(20, "write a log line every this many steps; also when the ranks agree "
+                        "on stopping: a stop signal (SIGTERM, SIGUSR1, Ctrl-C) or a non-finite "
+                        "loss takes effect at the next such step or at the end of the epoch")
     checkpoint_every: int = _f(0, "also checkpoint every this many steps (0 = once per epoch)")
     knn_every: int = _f(1, "run the kNN monitor on --val-data every this many epochs (0 = never)")
     knn_k: int = _f(200, "k of the kNN monitor and of `pirl eval knn`")
