@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from pirl.config import METHODS, Config
+from pirl.config import METHODS, Config, ConfigError, check_explicit_negatives
 from pirl.data.jigsaw import maximal_hamming_permutations
 from pirl.data.views import SampleViews, TrainTransform
 from pirl.memory_bank import MemoryBank
@@ -108,6 +108,37 @@ def get_method(name_or_cfg: str | Config) -> Method:
     return REGISTRY[name]
 
 
+def fit_to_dataset(cfg: Config, dataset_size: int) -> list[str]:
+    """Adapt ``cfg`` to a dataset of ``dataset_size`` (|D|) images, in place, so that a preset
+    works on a dataset of a few hundred images and for a run of a single epoch.
+
+    For a method that ``uses_bank``, a number of negatives above |D| - 1 is capped there when it
+    comes from a preset (an upper bound) and refused when it was set explicitly
+    (:meth:`pirl.config.Config.is_explicit`); a warm-up as long as the run shrinks to a tenth of
+    it.  Returns one human-readable note per change (the caller prints them).  Raises
+    :class:`pirl.config.ConfigError` for fewer than 2 images.  It lives here, not in the config,
+    because what it adapts depends on the method.
+    """
+    o, op = cfg.objective, cfg.optim
+    if dataset_size < 2:
+        raise ConfigError(f"dataset has {dataset_size} image(s): need at least 2")
+    notes: list[str] = []
+    uses_bank = get_method(cfg).uses_bank
+    if uses_bank and cfg.is_explicit("objective.num_negatives"):
+        check_explicit_negatives(o.num_negatives, dataset_size)
+    if uses_bank and o.num_negatives > dataset_size - 1:
+        notes.append(f"objective.num_negatives={o.num_negatives} exceeds |D| - 1 = "
+                     f"{dataset_size - 1}; using {dataset_size - 1}")
+        o.num_negatives = dataset_size - 1
+    # A preset's warm-up (e.g. 2 epochs) must not swallow a short run (`--epochs 1`): shrink it
+    # to a tenth of the run, as the negatives above, and say so.
+    if op.warmup_epochs >= op.epochs:
+        notes.append(f"optim.warmup_epochs={op.warmup_epochs} does not fit in optim.epochs="
+                     f"{op.epochs}; using {op.epochs / 10:g} (a tenth of the run)")
+        op.warmup_epochs = op.epochs / 10
+    return notes
+
+
 def build_model(cfg: Config) -> nn.Module:
     """The network of ``cfg.objective.method``, randomly initialised."""
     return get_method(cfg).build_model(cfg)
@@ -135,4 +166,4 @@ def build_train_transform(cfg: Config, permutations: Tensor | None = None,
 
 
 __all__ = ["METHODS", "REGISTRY", "Method", "Objective", "build_model", "build_objective",
-           "build_train_transform", "get_method"]
+           "build_train_transform", "fit_to_dataset", "get_method"]
