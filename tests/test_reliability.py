@@ -452,19 +452,19 @@ def test_a_stop_signal_takes_effect_at_the_next_logging_step(
         monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
     """SIGTERM during step 1 with log_every=3: the ranks agree on stopping at step 3, which
     is checkpointed."""
-    from pirl.methods import Objective
+    from pirl.methods.pirl import PIRLObjective
 
-    after_step = Objective.after_step
+    after_step = PIRLObjective.after_step
     calls = [0]
 
-    def sigterm_on_first_step(self: Objective, *a: Any, **k: Any) -> None:
+    def sigterm_on_first_step(self: PIRLObjective, *a: Any, **k: Any) -> None:
         after_step(self, *a, **k)
         calls[0] += 1
         if calls[0] == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(Objective, "after_step", sigterm_on_first_step)
+    monkeypatch.setattr(PIRLObjective, "after_step", sigterm_on_first_step)
     assert main(_train_args(small_data, out, "log_every=3", batch=16)) == 0
     assert ck.safe_load(out / ck.LATEST)["position"]["step"] == 3
     assert capsys.readouterr().out.startswith("stopped at step 3; ")
