@@ -29,7 +29,7 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
 
 def resolve_config(args: argparse.Namespace) -> C.Config:
     """Preset -> config file -> flags -> key=value overrides.  Every value set after the preset
-    is recorded as explicit in the config (see :func:`pirl.config.fit_to_dataset`)."""
+    is recorded as explicit in the config (see :func:`pirl.methods.fit_to_dataset`)."""
     cfg = C.from_preset(args.preset)
     if getattr(args, "config", None):
         C.apply_mapping(cfg, C.load_yaml(args.config), source=args.config)

@@ -1,4 +1,4 @@
-"""Typed run configuration: defaults = the paper's ImageNet recipe (PIRL.md); presets scale down.
+"""Typed run configuration: defaults = the paper's ImageNet recipe (docs/method.md); presets scale down.
 
 Every hyper-parameter has exactly one home here, one name and one help text (the field's
 ``metadata["help"]``).  Field names are unique across sections, so a command-line override may use
@@ -29,7 +29,7 @@ NEGATIVE_MODES = ("per-sample", "shared")
 ARCHS = ("resnet18", "resnet34", "resnet50")
 BANK_DTYPES = ("float32", "float16", "bfloat16")
 BN_STATS = ("image", "all")
-COLOUR_BACKENDS = ("auto", "numba", "torch")  # pirl.data.augment.photometric_jobs
+COLOUR_BACKENDS = ("auto", "numba", "torch")  # pirl.kernels.colour.photometric_jobs
 
 
 class ConfigError(ValueError):
@@ -158,7 +158,7 @@ SECTIONS = tuple(f.name for f in fields(Config))
 
 
 def view_preset(image_size: int) -> dict[str, Any]:
-    """View numbers for a given image size (PIRL.md: crop ~ 255/224 x size, cell = crop / 3,
+    """View numbers for a given image size (docs/method.md, "Views": crop ~ 255/224 x size, cell = crop / 3,
     patch ~ cell x 64 / 85, evaluation resize ~ 256/224 x size).  The paper's numbers at 224:
 
     | size | jigsaw crop | cell | patch | eval resize |

@@ -115,7 +115,7 @@ def open_run(cfg: C.Config, data: str, out: Path, env: DistEnv
     """Check the run against its data and folder before any heavy work; returns the run folder,
     the training images and the checkpoint to resume from (None for a fresh run).
 
-    ``cfg`` is fitted to the dataset here (:func:`pirl.config.fit_to_dataset`, notes logged) and
+    ``cfg`` is fitted to the dataset here (:func:`pirl.methods.fit_to_dataset`, notes logged) and
     written to ``out/config.yaml``; rank 0 creates the folder and the other ranks wait for it, so
     every rank reads the same checkpoint.
     """

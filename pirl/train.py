@@ -88,7 +88,7 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     """Pretrain on ``data`` into the run folder ``out`` (resuming if it holds a checkpoint).
 
     Args:
-        cfg: the resolved config, fitted here to the dataset (:func:`pirl.config.fit_to_dataset`:
+        cfg: the resolved config, fitted here to the dataset (:func:`pirl.methods.fit_to_dataset`:
             a preset's num_negatives is capped at |D| - 1, an explicitly set one must be below
             |D|).
         data: training images: a folder, an ImageFolder .tar, or ``synthetic``.
