@@ -1,4 +1,5 @@
-"""Typed run configuration: defaults = the paper's ImageNet recipe (docs/method.md); presets scale down.
+"""Typed run configuration: defaults = the paper's ImageNet recipe (docs/method.md); presets
+scale it down.
 
 Every hyper-parameter has exactly one home here, one name and one help text (the field's
 ``metadata["help"]``).  Field names are unique across sections, so a command-line override may use
@@ -158,8 +159,9 @@ SECTIONS = tuple(f.name for f in fields(Config))
 
 
 def view_preset(image_size: int) -> dict[str, Any]:
-    """View numbers for a given image size (docs/method.md, "Views": crop ~ 255/224 x size, cell = crop / 3,
-    patch ~ cell x 64 / 85, evaluation resize ~ 256/224 x size).  The paper's numbers at 224:
+    """View numbers for a given image size (docs/method.md, "Views": crop ~ 255/224 x size,
+    cell = crop / 3, patch ~ cell x 64 / 85, evaluation resize ~ 256/224 x size).  The paper's
+    numbers at 224:
 
     | size | jigsaw crop | cell | patch | eval resize |
     |------|-------------|------|-------|-------------|
