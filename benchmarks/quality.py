@@ -154,7 +154,9 @@ def method_config(name: str, preset: str, overrides: Sequence[str], epochs: int 
     if settings is None:
         raise ValueError(f"method {name!r} is not trained")
     cfg = C.from_preset(preset)
-    C.apply_mapping(cfg, settings, source=f"method {name}")
+    # A method's settings are a preset of their own: npid++'s N = 32,000 is capped at |D| - 1
+    # on a smaller dataset, not refused.
+    C.apply_mapping(cfg, settings, source=f"method {name}", explicit=False)
     if epochs is not None:
         cfg.optim.epochs = epochs
     if batch_size is not None:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from pirl import config as C
 from pirl.data import ColourCollate, ViewDataset, collate_views, open_source
 from pirl.kernels.colour import resolve_colour_backend
-from pirl.methods import build_model, build_objective, build_train_transform
+from pirl.methods import build_model, build_objective, build_train_transform, fit_to_dataset
 from pirl.schedule import build_optimizer
 
 PYCONTRAST_SAMPLES_S = 38.0  # issue 6: PyContrast, this machine kind, same setting
@@ -72,7 +72,8 @@ def build_config(args: argparse.Namespace) -> C.Config:
                           "colour_backend": args.colour_backend})
     if args.patch:
         cfg.views.patch = args.patch
-    C.validate(cfg, dataset_size=args.bank)
+    C.validate(cfg)
+    fit_to_dataset(cfg, dataset_size=args.bank)
     return cfg
 
 

@@ -16,10 +16,16 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from pirl.config import Config, to_dict
+
+if TYPE_CHECKING:  # only the type: checkpoint readers (export, evaluation) need no objective
+    from pirl.methods import Objective
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +168,37 @@ def load_run_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     if errors:
         raise CheckpointError("; ".join(errors))
     return None
+
+
+def training_state(cfg: Config, dataset_size: int, model: nn.Module, objective: Objective,
+                   optimizer: torch.optim.Optimizer, permutations: torch.Tensor | None,
+                   position: dict[str, int]) -> dict[str, Any]:
+    """Everything a resumed run needs, for :func:`save_run_checkpoint`.  ``position``: epoch,
+    step, batch and ``skipped`` summed over ranks (rank 0 writes the file, and its own count
+    alone would lose the other ranks' skips)."""
+    return {
+        "config": to_dict(cfg),
+        "dataset_size": dataset_size,
+        "model": model.state_dict(),
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "permutations": permutations,
+        "position": position,
+    }
+
+
+def restore_training_state(ckpt: dict[str, Any], model: nn.Module, objective: Objective,
+                           optimizer: torch.optim.Optimizer) -> None:
+    """Inverse of :func:`training_state` except the position, which the caller reads; strict:
+    a partial load must fail loudly, never pass silently."""
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        objective.load_state_dict(ckpt["objective"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint does not match this model: {str(e)[:300]}") from None
+    set_rng_state(ckpt["rng"])
 
 
 def rng_state() -> dict[str, Any]:

@@ -27,17 +27,12 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
                    help="config overrides, e.g. base_lr=0.06 or objective.tau=0.1 (applied last)")
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[C.Config, bool]:
-    """Preset -> config file -> flags -> key=value overrides.  Returns the config and whether the
-    number of negatives was set explicitly (then it must be below |D| rather than capped)."""
+def resolve_config(args: argparse.Namespace) -> C.Config:
+    """Preset -> config file -> flags -> key=value overrides.  Every value set after the preset
+    is recorded as explicit in the config (see :func:`pirl.methods.fit_to_dataset`)."""
     cfg = C.from_preset(args.preset)
-    explicit_negatives = False
     if getattr(args, "config", None):
-        mapping = C.load_yaml(args.config)
-        C.apply_mapping(cfg, mapping, source=args.config)
-        flat = {k for k, v in mapping.items() if not isinstance(v, dict)}
-        nested = {k for v in mapping.values() if isinstance(v, dict) for k in v}
-        explicit_negatives |= "num_negatives" in flat | nested
+        C.apply_mapping(cfg, C.load_yaml(args.config), source=args.config)
     for flag, key in (("epochs", "optim.epochs"), ("batch_size", "optim.batch_size"),
                       ("method", "objective.method"), ("workers", "train.workers")):
         value = getattr(args, flag, None)
@@ -47,21 +42,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[C.Config, bool]:
         cfg.train.quiet = True
     if getattr(args, "strict_data", False):
         cfg.train.strict_data = True
-    overrides = getattr(args, "overrides", None) or []
-    C.apply_overrides(cfg, overrides)
-    explicit_negatives |= any(o.split("=", 1)[0].strip().endswith("num_negatives")
-                              for o in overrides)
+    C.apply_overrides(cfg, getattr(args, "overrides", None) or [])
     C.validate(cfg)
-    return cfg, explicit_negatives
+    return cfg
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from pirl.train import pretrain
 
-    cfg, explicit = resolve_config(args)
+    cfg = resolve_config(args)
     out = Path(args.out) if args.out else Path("runs") / args.preset
-    result = pretrain(cfg, args.data, out, val_data=args.val_data, explicit_negatives=explicit,
-                      device=args.device)
+    result = pretrain(cfg, args.data, out, val_data=args.val_data, device=args.device)
     from pirl.distributed import cleanup_distributed
 
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, not one per process
@@ -81,14 +72,14 @@ def _cmd_show_views(args: argparse.Namespace) -> int:
     from pirl.data import open_source
     from pirl.plots import show_views
 
-    cfg, _ = resolve_config(args)
+    cfg = resolve_config(args)
     show_views(open_source(args.data), cfg, args.out, n=args.n, seed=args.seed)
     print(f"wrote {args.out}")
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    cfg, _ = resolve_config(args)
+    cfg = resolve_config(args)
     print(C.help_table(cfg))
     return 0
 

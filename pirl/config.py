@@ -1,4 +1,5 @@
-"""Typed run configuration: defaults = the paper's ImageNet recipe (PIRL.md); presets scale down.
+"""Typed run configuration: defaults = the paper's ImageNet recipe (docs/method.md); presets
+scale it down.
 
 Every hyper-parameter has exactly one home here, one name and one help text (the field's
 ``metadata["help"]``).  Field names are unique across sections, so a command-line override may use
@@ -29,7 +30,7 @@ NEGATIVE_MODES = ("per-sample", "shared")
 ARCHS = ("resnet18", "resnet34", "resnet50")
 BANK_DTYPES = ("float32", "float16", "bfloat16")
 BN_STATS = ("image", "all")
-COLOUR_BACKENDS = ("auto", "numba", "torch")  # pirl.data.augment.photometric_jobs
+COLOUR_BACKENDS = ("auto", "numba", "torch")  # pirl.kernels.colour.photometric_jobs
 
 
 class ConfigError(ValueError):
@@ -95,9 +96,9 @@ class ObjectiveConfig:
     bank_momentum: float = _f(0.5, "memory bank update m <- normalize(momentum*m + (1-momentum)*f)")
     bank_dtype: str = _f("float32", f"storage dtype of the memory bank, one of {BANK_DTYPES}")
     num_permutations: int = _f(1000, "jigsaw baseline: size of the maximal-Hamming permutation set")
-    num_classes: int = _f(0, "supervised: outputs of the classifier; 0 = the number of classes of "
-                          "the training data, filled in when training starts (config.yaml and "
-                          "the checkpoint record the number used)")
+    num_classes: int = _f(0, "supervised: outputs of the classifier; unless set, the number of "
+                          "classes of the training data, filled in when training starts "
+                          "(config.yaml and the checkpoint record the number used)")
 
 
 @dataclass
@@ -122,7 +123,9 @@ class TrainConfig:
     amp: bool = _f(True, "bfloat16 autocast on GPU (ignored on CPU)")
     channels_last: bool = _f(True, "channels_last memory format on GPU (ignored on CPU)")
     deterministic: bool = _f(False, "deterministic algorithms (slower); exact resume on CPU")
-    log_every: int = _f(20, "write a log line every this many steps")
+    log_every: int = _f(20, "write a log line every this many steps; also when the ranks agree "
+                        "on stopping: a stop signal (SIGTERM, SIGUSR1, Ctrl-C) or a non-finite "
+                        "loss takes effect at the next such step or at the end of the epoch")
     checkpoint_every: int = _f(0, "also checkpoint every this many steps (0 = once per epoch)")
     knn_every: int = _f(1, "run the kNN monitor on --val-data every this many epochs (0 = never)")
     knn_k: int = _f(200, "k of the kNN monitor and of `pirl eval knn`")
@@ -132,7 +135,14 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A whole run: one section per concern."""
+    """A whole run: one section per concern.
+
+    ``explicit`` holds the dotted keys (``"objective.num_negatives"``) that were set on purpose,
+    through :func:`set_value` and what calls it (a config file, the command line), but not by a
+    preset: a preset's value may be adapted to the data (:func:`fit_to_dataset`), an explicit one
+    must be honoured or refused.  It is an attribute rather than a field, so it is never written
+    to config.yaml or a checkpoint and plays no part in comparing two configs.
+    """
 
     views: ViewConfig = field(default_factory=ViewConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -140,13 +150,21 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        self.explicit: set[str] = set()
+
+    def is_explicit(self, key: str) -> bool:
+        """Whether the dotted ``key`` (e.g. ``"objective.num_negatives"``) was set on purpose."""
+        return key in self.explicit
+
 
 SECTIONS = tuple(f.name for f in fields(Config))
 
 
 def view_preset(image_size: int) -> dict[str, Any]:
-    """View numbers for a given image size (PIRL.md: crop ~ 255/224 x size, cell = crop / 3,
-    patch ~ cell x 64 / 85, evaluation resize ~ 256/224 x size).  The paper's numbers at 224:
+    """View numbers for a given image size (docs/method.md, "Views": crop ~ 255/224 x size,
+    cell = crop / 3, patch ~ cell x 64 / 85, evaluation resize ~ 256/224 x size).  The paper's
+    numbers at 224:
 
     | size | jigsaw crop | cell | patch | eval resize |
     |------|-------------|------|-------|-------------|
@@ -282,28 +300,34 @@ def _resolve_key(key: str) -> tuple[str, str]:
     raise ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def set_value(cfg: Config, key: str, value: Any) -> None:
-    """Set one field by dotted or bare name, converting and type-checking the value."""
+def set_value(cfg: Config, key: str, value: Any, explicit: bool = True) -> None:
+    """Set one field by dotted or bare name, converting and type-checking the value.
+
+    ``explicit``: record the key in ``cfg.explicit`` (False for a preset's values)."""
     section, name = _resolve_key(key)
     sec_obj = getattr(cfg, section)
     hints = get_type_hints(type(sec_obj))
     setattr(sec_obj, name, _coerce(f"{section}.{name}", value, hints[name]))
+    if explicit:
+        cfg.explicit.add(f"{section}.{name}")
 
 
-def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str = "config") -> None:
-    """Apply a nested ({section: {field: value}}) or flat ({field: value}) mapping."""
+def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str = "config",
+                  explicit: bool = True) -> None:
+    """Apply a nested ({section: {field: value}}) or flat ({field: value}) mapping (``explicit``
+    as :func:`set_value`)."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got "
                           f"{type(mapping).__name__}")
     for key, value in mapping.items():
         if key in SECTIONS and isinstance(value, dict):
             for sub, subval in value.items():
-                set_value(cfg, f"{key}.{sub}", subval)
+                set_value(cfg, f"{key}.{sub}", subval, explicit)
         elif key in SECTIONS:
             raise ConfigError(f"{source}: section {key!r} must be a mapping of keys to values, "
                               f"got {value!r}")
         else:
-            set_value(cfg, str(key), value)
+            set_value(cfg, str(key), value, explicit)
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> None:
@@ -342,7 +366,7 @@ def from_preset(name: str) -> Config:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown preset {name!r}{hint}; choose one of {list(presets)}")
     cfg = Config()
-    apply_mapping(cfg, presets[name], source=f"preset {name}")
+    apply_mapping(cfg, presets[name], source=f"preset {name}", explicit=False)
     return cfg
 
 
@@ -352,9 +376,10 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Inverse of :func:`to_dict`; unknown keys fail (a checkpoint from another version says so)."""
+    """Inverse of :func:`to_dict`; unknown keys fail (a checkpoint from another version says so).
+    Nothing counts as explicit: a saved config records values, not which of them were asked for."""
     cfg = Config()
-    apply_mapping(cfg, data, source="saved config")
+    apply_mapping(cfg, data, source="saved config", explicit=False)
     return cfg
 
 
@@ -368,14 +393,9 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
-def validate(cfg: Config, dataset_size: int | None = None) -> list[str]:
-    """Check every value; raise :class:`ConfigError` on the first impossible one.
-
-    With ``dataset_size`` (|D|), also check what depends on the data, cap a preset's number of
-    negatives at |D| - 1, and shrink a warm-up that does not fit in the run.  Returns
-    human-readable notes about such adjustments (the caller prints them), so a preset works on a
-    dataset of a few hundred images and for a run of a single epoch.
-    """
+def validate(cfg: Config) -> None:
+    """Check every value; raise :class:`ConfigError` on the first impossible one.  Changes
+    nothing: what depends on the data is :func:`fit_to_dataset`'s."""
     v, m, o, op, t = cfg.views, cfg.model, cfg.objective, cfg.optim, cfg.train
     _check(m.arch in ARCHS, "model.arch", m.arch, f"choose one of {list(ARCHS)}")
     _check(o.method in METHODS, "objective.method", o.method, f"choose one of {list(METHODS)}")
@@ -419,7 +439,7 @@ def validate(cfg: Config, dataset_size: int | None = None) -> list[str]:
     _check(o.num_permutations >= 2, "objective.num_permutations", o.num_permutations,
            "need at least 2 permutations")
     _check(o.num_classes >= 0, "objective.num_classes", o.num_classes,
-           "must be non-negative (0 = from the training data)")
+           "must be non-negative (0: not known yet)")
     _check(op.epochs >= 1, "optim.epochs", op.epochs, "must be at least 1")
     _check(op.batch_size >= 2, "optim.batch_size", op.batch_size,
            "must be at least 2 (BatchNorm needs more than one sample)")
@@ -434,24 +454,6 @@ def validate(cfg: Config, dataset_size: int | None = None) -> list[str]:
            "must be non-negative")
     _check(t.knn_every >= 0, "train.knn_every", t.knn_every, "must be non-negative")
     _check(t.knn_k >= 1, "train.knn_k", t.knn_k, "must be positive")
-
-    notes: list[str] = []
-    if dataset_size is not None:
-        if dataset_size < 2:
-            raise ConfigError(f"dataset has {dataset_size} image(s): need at least 2")
-        from pirl.methods import get_method  # here, not above: the registry imports this module
-
-        if get_method(o.method).uses_bank and o.num_negatives > dataset_size - 1:
-            notes.append(f"objective.num_negatives={o.num_negatives} exceeds |D| - 1 = "
-                         f"{dataset_size - 1}; using {dataset_size - 1}")
-            o.num_negatives = dataset_size - 1
-        # A preset's warm-up (e.g. 2 epochs) must not swallow a short run (`--epochs 1`): shrink
-        # it to a tenth of the run, as the negatives above, and say so.
-        if op.warmup_epochs >= op.epochs:
-            notes.append(f"optim.warmup_epochs={op.warmup_epochs} does not fit in optim.epochs="
-                         f"{op.epochs}; using {op.epochs / 10:g} (a tenth of the run)")
-            op.warmup_epochs = op.epochs / 10
-    return notes
 
 
 def check_explicit_negatives(num_negatives: int, dataset_size: int) -> None:

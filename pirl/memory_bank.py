@@ -112,6 +112,9 @@ class MemoryBank(nn.Module):
         An index that occurs more than once in ``idx`` (a padded last batch, or a sample repeated
         by the distributed sampler) is updated once, from the old row, with its *last* occurrence:
         every replica receives the same gathered order, so the result is the same everywhere.
+        Every duplicate position writes that same new row, so the order in which the device
+        performs the writes does not matter, and nothing waits for the device (no data-dependent
+        shapes, no reads to the host) except the index range check on a CPU bank.
         """
         if idx.dim() != 1 or z.dim() != 2 or z.shape[0] != idx.shape[0]:
             raise ValueError(f"update needs idx [B] and z [B,D]; got {tuple(idx.shape)} and "
@@ -120,11 +123,13 @@ class MemoryBank(nn.Module):
             raise ValueError(f"update: embedding dim {z.shape[1]} != memory bank dim {self.dim}")
         dev = self.rows.device
         idx, z = idx.to(dev), z.to(dev)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.size):
+        # A readable error on CPU, where reading the range costs no device round trip; on a GPU
+        # an out-of-range index still stops the run, through index_select's device assertion.
+        if dev.type == "cpu" and idx.numel() and (int(idx.min()) < 0
+                                                  or int(idx.max()) >= self.size):
             raise IndexError(f"memory bank update: index out of range [0, {self.size}): "
                              f"min {int(idx.min())}, max {int(idx.max())}")
-        keep = _last_occurrence(idx)
-        idx, z = idx[keep], z[keep]
+        z = z[_last_occurrence(idx)]  # [B,D]: each position gets its index's last embedding
         old = self.rows.index_select(0, idx).float()
         new = F.normalize(momentum * old + (1.0 - momentum) * z.float(), dim=1)
         self.rows.index_copy_(0, idx, new.to(self.dtype))
@@ -153,10 +158,22 @@ class MemoryBank(nn.Module):
 
 
 def _last_occurrence(idx: Tensor) -> Tensor:
-    """Positions of the last occurrence of each distinct value of ``idx`` [B] -> Long [U]."""
-    order = torch.sort(idx, stable=True).indices
+    """For each position of ``idx`` Long [B], the position of the last occurrence of its value
+    -> Long [B] (a position that is its value's last occurrence maps to itself).
+
+    Fixed shapes only (no boolean-mask indexing, whose output size would have to be read back
+    from the device): sort stably, mark where each run of equal values ends, and spread each
+    run's end back over the run with a reversed cumulative minimum.
+    """
+    b = idx.shape[0]
+    order = torch.sort(idx, stable=True).indices  # equal values keep their order: last = latest
     s = idx[order]
-    last = torch.ones_like(s, dtype=torch.bool)
-    last[:-1] = s[1:] != s[:-1]
-    return order[last]
+    pos = torch.arange(b, device=idx.device)
+    ends = torch.full_like(pos, b)
+    ends[-1:] = b - 1
+    ends[:-1] = torch.where(s[1:] != s[:-1], pos[:-1], b)
+    run_end = torch.flip(torch.cummin(torch.flip(ends, (0,)), dim=0).values, (0,))  # [B] sorted
+    out = torch.empty_like(pos)
+    out[order] = order[run_end]
+    return out
 

@@ -1,38 +1,33 @@
-"""The pretraining loop: forward -> loss -> backward -> step -> bank update, with checkpoints.
+"""The pretraining loop: views in, forward, loss, backward, optimizer step, bank update, log.
 
-One readable loop for every method: the differences live in the method's views, model and
-objective (:mod:`pirl.methods`).
-Running the same command twice resumes from the run folder's checkpoint.
+:func:`train_one_epoch` is the loop, the same for every method: the differences live in the
+method's views, model and objective (:mod:`pirl.methods`).  :func:`pretrain` sets a run up
+around it (run folder, config, processes, resume, data, log and signals, mostly in
+:mod:`pirl.run`; checkpoints in :mod:`pirl.checkpoint`) and runs it once per epoch.  Running the
+same command twice resumes from the run folder's checkpoint.
+
+A step queues its work on the device and goes on without waiting for it, except on logging
+steps (every ``train.log_every`` steps and at the end of each epoch): there the loss terms are
+read, a non-finite loss is caught, and the ranks agree on whether a stop signal arrived.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import os
-import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from torch import Tensor, nn
 
 from pirl import config as C
-from pirl.checkpoint import (
-    CheckpointError,
-    load_run_checkpoint,
-    rng_state,
-    save_run_checkpoint,
-    set_rng_state,
-)
-from pirl.data import ViewDataset, open_source
-from pirl.data.sampler import EpochSampler, SeededViews, seed_everything, usable_workers
-from pirl.data.views import ColourCollate, maximal_hamming_permutations, normalize
+from pirl.checkpoint import restore_training_state, save_run_checkpoint, training_state
+from pirl.data import open_source
+from pirl.data.sampler import seed_everything
+from pirl.data.views import maximal_hamming_permutations, normalize
 from pirl.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -43,14 +38,16 @@ from pirl.distributed import (
     setup_distributed,
 )
 from pirl.kernels.colour import resolve_colour_backend
-from pirl.logs import LOG_NAME, RunLogger
-from pirl.methods import (
-    Objective,
-    build_model,
-    build_objective,
-    build_train_transform,
-    fit_to_labels,
-    get_method,
+from pirl.logs import Progress, RunLogger
+from pirl.methods import Objective, build_model, build_objective, get_method
+from pirl.run import (
+    LoopState,
+    RunResult,
+    StopFlag,
+    epoch_loader,
+    open_run,
+    open_run_log,
+    training_data,
 )
 from pirl.schedule import build_optimizer, lr_at, peak_lr, set_lr
 
@@ -60,68 +57,8 @@ IMAGE_KEYS = ("image", "patches", "rotated")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and what to try."""
-
-
-@dataclass
-class RunResult:
-    """What :func:`pretrain` leaves behind.
-
-    ``trunk_path`` is where the trunk weights go when the run finishes; a stopped run
-    (``stopped``: a stop signal or ``stop_after_steps``) writes only its checkpoint, so a file
-    there is then from an earlier, finished run of the folder or absent.  ``steps`` is the
-    global step reached, ``epochs`` the completed epochs."""
-
-    run_dir: Path
-    trunk_path: Path
-    steps: int
-    epochs: int
-    resumed_from_step: int
-    last_record: dict[str, Any]
-    stopped: bool = False
-
-    def summary(self) -> str:
-        """The line a command ends with: where the trunk weights are or, for a stopped run, its
-        step and how to go on.  trunk.pt is named only when the file exists."""
-        trunk = self.trunk_path
-        if not self.stopped:
-            weights = f"trunk weights: {trunk}" if trunk.is_file() else "no trunk.pt written"
-            return f"run folder: {self.run_dir}  ({weights})"
-        line = (f"stopped at step {self.steps}; checkpoint in {self.run_dir}. Rerun the same "
-                "command to resume from it")
-        if trunk.is_file():
-            line += f" ({trunk} is from an earlier, finished run of this folder)"
-        return line
-
-
-def prepare_run_dir(out: Path) -> Path:
-    """Create ``out`` and check it is writable, before any heavy work."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise C.ConfigError(f"--out {out}: cannot write there ({e.strerror})") from None
-    return out
-
-
-def check_resume_compatible(ckpt: dict[str, Any], cfg: C.Config, dataset_size: int,
-                            path: Path) -> None:
-    """Refuse to resume a checkpoint of another architecture, method or dataset size."""
-    saved = ckpt.get("config", {})
-    for section, key in (("model", "arch"), ("model", "small_stem"), ("model", "embed_dim"),
-                         ("objective", "method"), ("objective", "pretext")):
-        old = saved.get(section, {}).get(key)
-        new = getattr(getattr(cfg, section), key)
-        if old != new:
-            raise C.ConfigError(f"{path}: checkpoint has {section}.{key}={old!r} but this run asks "
-                                f"for {new!r}; use another --out folder or the same setting")
-    if ckpt.get("dataset_size") != dataset_size:
-        raise C.ConfigError(f"{path}: checkpoint was trained on {ckpt.get('dataset_size')} images "
-                            f"(memory bank rows) but the data now has {dataset_size}; use another "
-                            "--out folder or the same data")
+    """The loss or the weights became NaN or infinite; the message names the step and what to
+    try."""
 
 
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
@@ -146,50 +83,17 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
                           enabled=enabled and device.type == "cuda")
 
 
-class _StopFlag:
-    """Set by SIGTERM / SIGUSR1 (cluster pre-emption) or a first Ctrl-C (SIGINT): the loop
-    checkpoints at the end of the step and exits cleanly.  A second Ctrl-C aborts at once
-    (KeyboardInterrupt), losing only the steps since the last checkpoint."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            # ValueError: not the main thread (e.g. inside a test runner thread)
-            with contextlib.suppress(ValueError):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:
-            return  # a DataLoader worker forked with this handler: the main process decides
-        if signum == signal.SIGINT:
-            if self.requested:
-                raise KeyboardInterrupt
-            log.warning("Ctrl-C: checkpointing after this step and stopping (press it again to "
-                        "abort without a checkpoint)")
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
-             explicit_negatives: bool = False, device: str | None = None,
-             stop_after_steps: int | None = None) -> RunResult:
+             device: str | None = None, stop_after_steps: int | None = None) -> RunResult:
     """Pretrain on ``data`` into the run folder ``out`` (resuming if it holds a checkpoint).
 
     Args:
-        cfg: the resolved config (validated again here against the dataset size).
+        cfg: the resolved config, fitted here to the dataset (:func:`pirl.methods.fit_to_dataset`:
+            a preset's num_negatives is capped at |D| - 1, an explicitly set one must be below
+            |D|).
         data: training images: a folder, an ImageFolder .tar, or ``synthetic``.
         out: run folder: config.yaml, log.jsonl, checkpoint.pt, and trunk.pt at the end.
         val_data: labelled images for the kNN monitor (optional).
-        explicit_negatives: the user set num_negatives themselves, so it must be below |D|
-            (a preset's value is only an upper bound and is capped silently-with-a-note).
         device: "cpu", "cuda", "cuda:1"...; default: this rank's GPU if any, else CPU.
         stop_after_steps: stop (with a checkpoint) after this many steps of this call; for tests
             of interrupted runs.
@@ -198,38 +102,17 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     # Resolved (numba's kernel imported) before the run folder is touched, so a missing numba
     # leaves nothing behind, and before any DataLoader worker forks.
     colour_backend = resolve_colour_backend(cfg.views.colour_backend)
-    out = prepare_run_dir(out) if env.is_main else Path(out)
-    source = open_source(data)
+    out, source, ckpt = open_run(cfg, data, out, env)
     n = len(source)
-    method = get_method(cfg)
-    if explicit_negatives and method.uses_bank:
-        C.check_explicit_negatives(cfg.objective.num_negatives, n)
-    for note in C.validate(cfg, dataset_size=n):
-        if env.is_main:
-            log.info(note)
-    if cfg.optim.batch_size % env.world_size:
-        raise C.ConfigError(f"optim.batch_size={cfg.optim.batch_size}: must be divisible by the "
-                            f"number of processes ({env.world_size})")
-    if cfg.optim.batch_size > n:
-        raise C.ConfigError(f"optim.batch_size={cfg.optim.batch_size}: larger than the dataset "
-                            f"({n} images in {data})")
-    fit_to_labels(cfg, source, data)  # a method trained on labels: checks them, sets num_classes
-    env.barrier()  # rank 0 has created the run folder; every rank now reads the same checkpoint
-    ckpt = load_run_checkpoint(out)
-    if ckpt is not None:
-        check_resume_compatible(ckpt, cfg, n, out / "checkpoint.pt")
-    if env.is_main:
-        C.save_yaml(cfg, out / "config.yaml")
 
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
     dev = env.device
-    on_gpu = dev.type == "cuda"
-    channels_last = cfg.train.channels_last and on_gpu
+    channels_last = cfg.train.channels_last and dev.type == "cuda"
 
     permutations = None
-    if method.needs_permutations:
+    if get_method(cfg).needs_permutations:
         permutations = (ckpt["permutations"] if ckpt is not None else
                         maximal_hamming_permutations(cfg.objective.num_permutations,
                                                      cfg.views.grid, seed=cfg.train.seed))
@@ -246,16 +129,16 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     if env.is_main:
         log.info("%s; peak lr %.4g = base_lr %g x %d / 256", env.describe(cfg.optim.batch_size),
                  peak, cfg.optim.base_lr, cfg.optim.batch_size)
-    state = _LoopState(step=0, epoch=0, batch=0)
+    state = LoopState(step=0, epoch=0, batch=0)
     if ckpt is not None:
-        _restore(ckpt, model, objective, optimizer)
-        state = _position(ckpt["position"])
+        restore_training_state(ckpt, model, objective, optimizer)
+        state = LoopState.from_position(ckpt["position"])
         if env.is_main:
             log.info("resuming from %s at epoch %d, step %d", out / "checkpoint.pt", state.epoch,
                      state.step)
+    logger = open_run_log(out, state, ckpt is not None, env)
     # The checkpoint holds the total over all ranks; rank 0 carries it on so that the sum over
     # ranks (what is logged and saved) continues from it.
-    skipped_at_start = state.skipped
     if env.rank != 0:
         state.skipped = 0
     resumed_from = state.step
@@ -263,123 +146,43 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     train_model: nn.Module = model
     if env.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if on_gpu else None)
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
         # DDP has broadcast rank 0's weights; the bank and the position are each rank's own, so
         # a rank that resumed from another checkpoint file (no shared file system) stops here.
         _check_replicas(model, objective, state.step, "at start" if ckpt is None else
                         f"after resuming from {out / 'checkpoint.pt'}")
 
-    # The workers draw every sample's crops and colour parameters (seeded per sample), and
-    # colour the whole batch in one call in the collate function (ColourCollate), also in the
-    # workers: the same pixels as colouring sample by sample, with less overhead per image.
-    transform = build_train_transform(cfg, permutations, defer_colour=True)
-    dataset = SeededViews(ViewDataset(source, transform, strict=cfg.train.strict_data),
-                          seed=cfg.train.seed)
-    per_rank = cfg.optim.batch_size // env.world_size
-    # A log already there (a crash, a stop, or a run killed before its first checkpoint) gets a
-    # resume marker: the records it holds after this checkpoint's step are about to be
-    # superseded, and pirl.logs.read_log drops them.
-    log_path = out / LOG_NAME
-    restarting = ckpt is not None or (log_path.is_file() and log_path.stat().st_size > 0)
-    resume = ({"step": state.step, "epoch": state.epoch, "batch": state.batch,
-               "skipped_total": skipped_at_start} if restarting else None)
-    logger = RunLogger(out, enabled=env.is_main, resume=resume)
-
-    def skipped_total() -> int:
-        """Unreadable images skipped so far on all ranks together (a collective)."""
-        return round(all_reduce_mean(state.skipped, env) * env.world_size)
-
-    def save() -> None:
-        _check_replicas(model, objective, state.step, f"checkpoint at step {state.step}")
-        _check_finite(model, objective, state.step, out)
-        skipped_all = skipped_total()
-        if env.is_main:
-            save_run_checkpoint(_checkpoint_state(cfg, n, model, objective, optimizer,
-                                                  permutations, state, skipped_all), out)
-        env.barrier()
-
-    workers = usable_workers(cfg.train.workers)
-    if workers < cfg.train.workers and env.is_main:
-        log.info("train.workers=%d exceeds the %d CPU(s) available; using %d",
-                 cfg.train.workers, workers, workers)
+    dataset, collate, workers = training_data(cfg, source, permutations, colour_backend, env)
     # The backends agree to float rounding only, so the log says which one drew the pixels.
-    collate = ColourCollate(backend=colour_backend)
-    if env.is_main:
-        log.info("colour augmentation: %s backend (views.colour_backend=%s)", colour_backend,
-                 cfg.views.colour_backend)
     logger.log({"kind": "event", "step": state.step, "epoch": state.epoch,
                 "event": "colour_backend", "colour_backend": colour_backend})
-    last: dict[str, Any] = {}
-    steps_this_call = 0
-    with _StopFlag() as stop:
+
+    def save() -> None:
+        """Checkpoint (every rank calls it: the checks and the skip count are collectives)."""
+        _check_replicas(model, objective, state.step, f"checkpoint at step {state.step}")
+        _check_finite(model, objective, state.step, out)
+        position = {"epoch": state.epoch, "step": state.step, "batch": state.batch,
+                    "skipped": _skipped_total(state, env)}
+        if env.is_main:
+            save_run_checkpoint(training_state(cfg, n, model, objective, optimizer,
+                                               permutations, position), out)
+        env.barrier()
+
+    run = _Run(cfg, env, out, logger, steps_per_epoch, channels_last, save,
+               lr_at=lambda step: lr_at(step, total_steps, warmup_steps, peak,
+                                        cfg.optim.min_lr_ratio),
+               stop_at_step=None if stop_after_steps is None else state.step + stop_after_steps)
+    with StopFlag() as stop:
         while state.epoch < cfg.optim.epochs:
-            sampler = EpochSampler(n, cfg.optim.batch_size, cfg.train.seed, env.rank,
-                                   env.world_size, epoch=state.epoch, start_batch=state.batch)
-            loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
-                                collate_fn=collate, num_workers=workers,
-                                pin_memory=on_gpu,
-                                persistent_workers=False,
-                                prefetch_factor=4 if workers > 0 else None)
-            model.train()
-            bar = tqdm(total=steps_per_epoch, initial=state.batch, unit="step",
-                       desc=f"epoch {state.epoch + 1}/{cfg.optim.epochs}", dynamic_ncols=True,
-                       disable=cfg.train.quiet or not env.is_main, leave=False)
-            t_last, samples_since = time.perf_counter(), 0
-            for raw in loader:
-                lr = lr_at(state.step, total_steps, warmup_steps, peak, cfg.optim.min_lr_ratio)
-                set_lr(optimizer, lr)
-                batch = to_device(raw, dev, channels_last)
-                with _autocast(dev, cfg.train.amp):
-                    outputs = train_model(batch)
-                outputs = {k: v.float() for k, v in outputs.items()}
-                loss, terms = objective.loss(outputs, batch)
-                # One small all-reduce: a non-finite loss or a stop signal seen by any rank is
-                # acted on by all of them at the same step (otherwise the others would wait in the
-                # next collective).
-                non_finite, stop_now = any_rank([not math.isfinite(loss.item()), stop.requested])
-                if non_finite:
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}) on "
-                        f"rank {env.rank} (a non-finite loss on any rank stops all of them); "
-                        f"the last good checkpoint is {out / 'checkpoint.pt'}. Try a lower "
-                        "optim.base_lr, a larger objective.tau, or train.amp=false")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                objective.after_step(outputs, batch)
-                state.step += 1
-                state.batch += 1
-                steps_this_call += 1
-                samples_since += cfg.optim.batch_size
-                bar.update(1)
-                skipped = int(raw["skipped"].sum()) if "skipped" in raw else 0
-                state.skipped += skipped
-                if state.step % cfg.train.log_every == 0 or state.batch == steps_per_epoch:
-                    now = time.perf_counter()
-                    rate = samples_since / max(now - t_last, 1e-9)
-                    t_last, samples_since = now, 0
-                    # The terms are 0-dim tensors: read (a host sync) on logging steps only.
-                    logged = {k: all_reduce_mean(float(v), env) for k, v in terms.items()}
-                    skipped_all = skipped_total()
-                    last = {"kind": "train", "step": state.step, "epoch": state.epoch + 1,
-                            "lr": lr, "samples_per_s": rate, "skipped_total": skipped_all,
-                            **logged}
-                    logger.log(last)
-                    bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.3f}",
-                                    samples_s=f"{rate:.0f}")
-                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                    save()
-                if stop_now or (stop_after_steps is not None
-                                and steps_this_call >= stop_after_steps):
-                    bar.close()
-                    save()
-                    if env.is_main:
-                        log.info("stopped at step %d; rerun the same command to resume",
-                                 state.step)
-                    logger.close()
-                    return RunResult(out, out / "trunk.pt", state.step, state.epoch,
-                                     resumed_from, last, stopped=True)
-            bar.close()
+            loader = epoch_loader(dataset, cfg, env, state, collate, workers)
+            if train_one_epoch(train_model, objective, optimizer, loader, state, run, stop):
+                save()
+                if env.is_main:
+                    log.info("stopped at step %d; rerun the same command to resume",
+                             state.step)
+                logger.close()
+                return RunResult(out, out / "trunk.pt", state.step, state.epoch, resumed_from,
+                                 run.last_record, stopped=True)
             state.epoch += 1
             state.batch = 0
             if val_data and cfg.train.knn_every and state.epoch % cfg.train.knn_every == 0:
@@ -390,7 +193,7 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
                     logger.log({"kind": "eval", "step": state.step, "epoch": state.epoch, **knn})
                     log.info("epoch %d: kNN top-1 %.2f%%", state.epoch, knn["knn_top1"])
             save()
-    skipped_all = skipped_total()
+    skipped_all = _skipped_total(state, env)
     if skipped_all and env.is_main:
         log.warning("%d unreadable image(s) were skipped in total (see the warnings above); "
                     "`pirl data check %s` lists them", skipped_all, data)
@@ -401,25 +204,125 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
         log.info("done: %d steps; trunk weights in %s", state.step, trunk_path)
     logger.close()
     env.barrier()
-    return RunResult(out, trunk_path, state.step, state.epoch, resumed_from, last)
+    return RunResult(out, trunk_path, state.step, state.epoch, resumed_from, run.last_record)
 
 
 @dataclass
-class _LoopState:
-    """Where the loop is: global step, completed epochs, batches done in the current epoch, and
-    unreadable images skipped so far (by this process)."""
+class _Run:
+    """What the steps of a run share, set up once by :func:`pretrain`."""
 
-    step: int
-    epoch: int
-    batch: int
-    skipped: int = 0
+    cfg: C.Config
+    env: DistEnv
+    out: Path
+    logger: RunLogger
+    steps_per_epoch: int
+    channels_last: bool
+    save: Callable[[], None]  # a checkpoint; every rank calls it
+    lr_at: Callable[[int], float]  # the learning rate of a global step
+    stop_at_step: int | None  # stop_after_steps, as a global step
+    last_record: dict[str, Any] = field(default_factory=dict)  # the latest "train" record
 
 
-def _position(pos: dict[str, Any]) -> _LoopState:
-    """The loop state saved in a checkpoint's ``position``.  ``skipped`` (the total over all
-    ranks) is absent from checkpoints written before it was saved: those count from 0."""
-    return _LoopState(step=int(pos["step"]), epoch=int(pos["epoch"]), batch=int(pos["batch"]),
-                      skipped=int(pos.get("skipped", 0)))
+def train_one_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
+                    loader: Iterable[dict[str, Any]], state: LoopState, run: _Run,
+                    stop: StopFlag) -> bool:
+    """Train on ``loader``'s batches (the rest of epoch ``state.epoch``), advancing ``state``;
+    returns True when the run must stop early (a stop signal, or ``run.stop_at_step``).
+
+    ``model`` is the one to call (DDP-wrapped under data parallelism); it maps a batch of views
+    (``image`` ``[B,3,S,S]``; ``patches`` ``[B,P,3,p,p]``, ``rotated``... as the method needs)
+    to its outputs, which ``objective`` scores and then writes into the memory bank.
+    """
+    cfg, dev = run.cfg, run.env.device
+    bar: Progress[None] = Progress(total=run.steps_per_epoch, initial=state.batch, unit="step",
+                                   desc=f"epoch {state.epoch + 1}/{cfg.optim.epochs}",
+                                   disable=cfg.train.quiet or not run.env.is_main)
+    speed = _Throughput()
+    # Whether any loss since the last logging step was NaN or inf, kept on the device: reading
+    # the loss every step would make every step wait for the device.
+    non_finite = torch.zeros((), dtype=torch.bool, device=dev)
+    for raw in loader:
+        lr = run.lr_at(state.step)
+        set_lr(optimizer, lr)
+        batch = to_device(raw, dev, run.channels_last)
+        with _autocast(dev, cfg.train.amp):
+            outputs = model(batch)
+        outputs = {k: v.float() for k, v in outputs.items()}
+        loss, terms = objective.loss(outputs, batch)
+        non_finite |= ~torch.isfinite(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        objective.after_step(outputs, batch)
+
+        state.step += 1
+        state.batch += 1
+        state.skipped += int(raw["skipped"].sum()) if "skipped" in raw else 0  # a CPU tensor
+        speed.count(cfg.optim.batch_size)
+        bar.update(1)
+        stop_now = False
+        if state.step % cfg.train.log_every == 0 or state.batch == run.steps_per_epoch:
+            stop_now = _logging_step(run, state, lr, loss, terms, non_finite, stop, speed, bar)
+        if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+            run.save()
+        if stop_now or (run.stop_at_step is not None and state.step >= run.stop_at_step):
+            bar.close()
+            return True
+    bar.close()
+    return False
+
+
+def _logging_step(run: _Run, state: LoopState, lr: float, loss: Tensor, terms: dict[str, Any],
+                  non_finite: Tensor, stop: StopFlag, speed: _Throughput, bar: Progress[None]
+                  ) -> bool:
+    """The end of a logging step, where the step waits for the device: stop on a non-finite
+    loss, log the loss terms (0-dim tensors or floats, averaged over ranks); returns whether a
+    stop signal arrived on any rank.
+
+    One small all-reduce makes every rank see a non-finite loss or a stop signal of any rank at
+    the same step (otherwise the others would wait in the next collective forever).
+    """
+    env = run.env
+    seen_here = bool(non_finite)
+    bad, stop_now = any_rank([seen_here, stop.requested])
+    if bad:
+        where = f"on rank {env.rank}" if seen_here else "on another rank"
+        last = float(loss.detach())
+        raise NonFiniteLossError(
+            f"non-finite loss at or before step {state.step} (epoch {state.epoch + 1}) {where} "
+            f"(loss at step {state.step}: {last}; a non-finite loss on any rank stops all of "
+            f"them); the last good checkpoint is {run.out / 'checkpoint.pt'}. Try a lower "
+            "optim.base_lr, a larger objective.tau, or train.amp=false")
+    values = {k: all_reduce_mean(float(v), env) for k, v in terms.items()}
+    rate = speed.rate()  # after the wait above, so the time covers the device's work too
+    record = {"kind": "train", "step": state.step, "epoch": state.epoch + 1, "lr": lr,
+              "samples_per_s": rate, "skipped_total": _skipped_total(state, env), **values}
+    run.logger.log(record)
+    run.last_record = record
+    bar.set_postfix({"loss": f"{values.get('loss', float('nan')):.3f}",
+                     "samples/s": f"{rate:.0f}"})
+    return stop_now
+
+
+class _Throughput:
+    """Samples per second since the previous :meth:`rate` (or since it was made)."""
+
+    def __init__(self) -> None:
+        self._since, self._samples = time.perf_counter(), 0
+
+    def count(self, samples: int) -> None:
+        self._samples += samples
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self._samples / max(now - self._since, 1e-9)
+        self._since, self._samples = now, 0
+        return rate
+
+
+def _skipped_total(state: LoopState, env: DistEnv) -> int:
+    """Unreadable images skipped so far on all ranks together (a collective)."""
+    return round(all_reduce_mean(state.skipped, env) * env.world_size)
 
 
 def _check_replicas(model: nn.Module, objective: Objective, step: int, when: str) -> None:
@@ -436,9 +339,10 @@ def _check_replicas(model: nn.Module, objective: Objective, step: int, when: str
 def _check_finite(model: nn.Module, objective: Objective, step: int, out: Path) -> None:
     """Refuse to overwrite the last good checkpoint with non-finite weights or bank rows.
 
-    A finite loss does not prove the update after it was finite (an overflowing gradient can
-    turn weights into inf while the loss that produced it was fine); one pass over the
-    parameters per checkpoint is cheap next to losing the run's last usable state.
+    The loss is checked only on logging steps, and a finite loss does not prove the update after
+    it was finite (an overflowing gradient can turn weights into inf while the loss that
+    produced it was fine); one pass over the parameters per checkpoint is cheap next to losing
+    the run's last usable state.
     """
     tensors = [("model." + k, v) for k, v in model.state_dict().items()]
     bank = objective.bank
@@ -450,36 +354,6 @@ def _check_finite(model: nn.Module, objective: Objective, step: int, out: Path) 
                 f"{name} became non-finite at step {step}; not saving it over the last good "
                 f"checkpoint {out / 'checkpoint.pt'}. Try a lower optim.base_lr, a larger "
                 "objective.tau, or train.amp=false")
-
-
-def _checkpoint_state(cfg: C.Config, n: int, model: nn.Module, objective: Objective,
-                      optimizer: torch.optim.Optimizer, permutations: torch.Tensor | None,
-                      state: _LoopState, skipped_total: int) -> dict[str, Any]:
-    """Everything a resumed run needs; ``skipped_total`` is summed over ranks (rank 0 writes
-    the file, and its own count alone would lose the other ranks' skips)."""
-    return {
-        "config": C.to_dict(cfg),
-        "dataset_size": n,
-        "model": model.state_dict(),
-        "objective": objective.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
-        "permutations": permutations,
-        "position": {"epoch": state.epoch, "step": state.step, "batch": state.batch,
-                     "skipped": skipped_total},
-    }
-
-
-def _restore(ckpt: dict[str, Any], model: nn.Module, objective: Objective,
-             optimizer: torch.optim.Optimizer) -> None:
-    """Strict restore: a partial load must fail loudly, never pass silently."""
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-        objective.load_state_dict(ckpt["objective"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint does not match this model: {str(e)[:300]}") from None
-    set_rng_state(ckpt["rng"])
 
 
 def knn_monitor(trunk: nn.Module, cfg: C.Config, train_source: Any, val_data: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pirl import config as C
+from pirl.methods import fit_to_dataset
 
 
 def test_defaults_are_the_paper_recipe() -> None:
@@ -21,7 +22,8 @@ def test_defaults_are_the_paper_recipe() -> None:
 @pytest.mark.parametrize("name", C.PRESETS)
 def test_every_preset_validates_and_fits_a_small_dataset(name: str) -> None:
     cfg = C.from_preset(name)
-    notes = C.validate(cfg, dataset_size=300)
+    C.validate(cfg)
+    notes = fit_to_dataset(cfg, dataset_size=300)
     if cfg.objective.method in ("pirl", "npid"):
         assert cfg.objective.num_negatives <= 299
     if C.from_preset(name).objective.num_negatives > 299:
@@ -80,6 +82,46 @@ def test_explicit_negatives_must_be_below_dataset_size() -> None:
     C.check_explicit_negatives(499, 500)
 
 
+def test_the_config_knows_which_values_were_set_explicitly(tmp_path) -> None:
+    """A preset's values are not explicit; set_value, overrides and mappings are, in dotted
+    form whatever form was used; the record is not saved and plays no part in equality."""
+    cfg = C.from_preset("demo")
+    assert cfg.explicit == set() and not cfg.is_explicit("objective.num_negatives")
+    C.apply_overrides(cfg, ["num_negatives=50"])
+    C.apply_mapping(cfg, {"optim": {"epochs": 3}, "tau": 0.1})
+    C.set_value(cfg, "train.seed", 1)
+    assert cfg.explicit == {"objective.num_negatives", "optim.epochs", "objective.tau",
+                            "train.seed"}
+    assert "explicit" not in C.to_dict(cfg)
+    C.save_yaml(cfg, tmp_path / "c.yaml")
+    again = C.from_dict(C.load_yaml(tmp_path / "c.yaml"))
+    assert again == cfg and again.explicit == set()
+
+
+def test_fit_to_dataset_caps_a_preset_and_refuses_an_explicit_num_negatives() -> None:
+    cfg = C.from_preset("demo")  # num_negatives 1024 from the preset: an upper bound
+    notes = fit_to_dataset(cfg, 120)
+    assert cfg.objective.num_negatives == 119 and "using 119" in notes[0]
+    cfg = C.from_preset("demo")
+    C.apply_overrides(cfg, ["num_negatives=1024"])  # the same value, asked for
+    with pytest.raises(C.ConfigError, match="num_negatives=1024: must be below the number of"):
+        fit_to_dataset(cfg, 120)
+    assert fit_to_dataset(cfg, 1025) == [] and cfg.objective.num_negatives == 1024
+    cfg = C.from_preset("demo")
+    C.apply_overrides(cfg, ["method=jigsaw", "num_negatives=1024"])  # no bank: nothing to check
+    assert fit_to_dataset(cfg, 120) == []
+    with pytest.raises(C.ConfigError, match="dataset has 1 image"):
+        fit_to_dataset(cfg, 1)
+
+
+def test_validate_only_checks() -> None:
+    cfg = C.from_preset("imagenette96-r18")
+    cfg.optim.epochs = 1
+    before = C.to_dict(cfg)
+    C.validate(cfg)
+    assert C.to_dict(cfg) == before
+
+
 def test_yaml_roundtrip_and_safe_loading(tmp_path) -> None:
     cfg = C.from_preset("tiny64-r18")
     path = tmp_path / "c.yaml"
@@ -111,11 +153,11 @@ def test_a_preset_warmup_shrinks_to_fit_a_short_run() -> None:
     """`--preset imagenette96-r18 --epochs 1` (2 warm-up epochs) runs, with a note."""
     cfg = C.from_preset("imagenette96-r18")
     cfg.optim.epochs = 1
-    notes = C.validate(cfg, dataset_size=500)
+    notes = fit_to_dataset(cfg, dataset_size=500)
     assert cfg.optim.warmup_epochs == pytest.approx(0.1)
     assert any("optim.warmup_epochs=2.0 does not fit in optim.epochs=1" in n for n in notes)
     cfg = C.from_preset("imagenette96-r18")  # a long enough run keeps its warm-up
-    assert not [n for n in C.validate(cfg, dataset_size=500) if "warmup" in n]
+    assert not [n for n in fit_to_dataset(cfg, dataset_size=500) if "warmup" in n]
     assert cfg.optim.warmup_epochs == 2.0
     with pytest.raises(C.ConfigError, match=r"optim.warmup_epochs=-1.0: must be non-negative"):
         C.apply_overrides(cfg, ["warmup_epochs=-1"])

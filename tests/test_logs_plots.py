@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 from pirl.logs import (
     LOG_NAME,
     LogFormatError,
+    Progress,
     RunLogger,
     read_log,
     setup_logging,
@@ -274,6 +277,45 @@ def test_setup_logging_levels_and_format(capsys: pytest.CaptureFixture[str]) -> 
             if getattr(h, "_pirl_handler", False):
                 logger.removeHandler(h)
         logger.setLevel(logging.NOTSET)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_off_a_terminal_logs_plain_lines(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a terminal: a line per reported postfix, the final count once, nothing when
+    disabled, and never a carriage return."""
+    logger = setup_logging(quiet=False, rank=0)
+    try:
+        assert list(Progress(range(5), desc="features res5", unit="batch")) == list(range(5))
+        bar: Progress[None] = Progress(total=4, initial=1, desc="epoch 2/3", unit="step")
+        bar.update(1)
+        bar.set_postfix({"loss": "4.210", "samples/s": "31"})
+        bar.close()  # the count did not move since the last line: nothing more
+        bar.close()
+        assert list(Progress(range(3), desc="quiet", disable=True)) == [0, 1, 2]
+        monkeypatch.setattr(Progress, "PLAIN_INTERVAL_S", 0.0)  # a slow loop: a line per update
+        list(Progress(range(2), desc="slow", unit="image"))
+        err = capsys.readouterr().err
+        assert "\r" not in err
+        lines = [line.split(" ", 1)[1] for line in err.splitlines()]  # without the time
+        assert lines == ["features res5  batch 5/5  0 s", "epoch 2/3  step 2/4  loss 4.210  "
+                         "samples/s 31", "slow  image 1/2  0 s", "slow  image 2/2  0 s"]
+    finally:
+        for h in list(logger.handlers):
+            if getattr(h, "_pirl_handler", False):
+                logger.removeHandler(h)
+        logger.setLevel(logging.NOTSET)
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert list(Progress(range(3), desc="bar", unit="batch")) == [0, 1, 2]
+    assert "\r" in terminal.getvalue() and "bar" in terminal.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,3 +208,13 @@ def test_bank_modified_before_backward_is_detected(dense: bool) -> None:
     bank.update(torch.tensor([1]), torch.ones(1, 4), 0.5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         s.sum().backward()
+
+
+def test_last_occurrence_maps_every_position_to_its_values_last_position() -> None:
+    """Fixed-shape de-duplication (no host read): hand-worked case with runs of 3, 2 and 1."""
+    from pirl.memory_bank import _last_occurrence
+
+    idx = torch.tensor([3, 1, 3, 2, 1, 3])
+    assert _last_occurrence(idx).tolist() == [5, 4, 5, 3, 4, 5]
+    assert _last_occurrence(torch.tensor([7])).tolist() == [0]
+    assert _last_occurrence(torch.tensor([2, 0, 1])).tolist() == [0, 1, 2]

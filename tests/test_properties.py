@@ -25,7 +25,7 @@ from pirl.data.jigsaw import maximal_hamming_permutations
 from pirl.data.sampler import seed_everything
 from pirl.data.source import decode_image
 from pirl.data.views import build_eval_transform
-from pirl.methods import build_train_transform
+from pirl.methods import build_train_transform, fit_to_dataset
 
 MODES = ("RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1", "YCbCr")
 # (method, pretext): every view combination the trainer builds
@@ -181,7 +181,8 @@ def test_overrides_fail_only_with_config_error(pairs: list[tuple[str, str]],
     cfg = C.from_preset(preset)
     try:
         C.apply_overrides(cfg, [f"{k}={v}" for k, v in pairs])
-        C.validate(cfg, dataset_size=100)
+        C.validate(cfg)
+        fit_to_dataset(cfg, dataset_size=100)
     except C.ConfigError as e:
         message = str(e)
         assert message and "\n" not in message.strip(), message  # one line

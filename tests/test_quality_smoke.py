@@ -13,6 +13,7 @@ from conftest import IMAGENETTE_DIR
 
 from pirl import config as C
 from pirl.data.datasets import TarSource, open_source
+from pirl.methods import fit_to_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = IMAGENETTE_DIR
@@ -68,6 +69,9 @@ def test_methods_differ_only_in_their_own_settings() -> None:
                 assert a == b, (name, other_name, section)
     assert cfgs["npid"]["objective"]["num_negatives"] == 4096
     assert cfgs["npid++"]["objective"]["num_negatives"] == 32000
+    # ... an upper bound, like a preset's: capped on a dataset smaller than 32,001 images
+    npid_pp = Q.method_config("npid++", "tiny64-r18", [], 3, 32)
+    assert fit_to_dataset(npid_pp, 9469) and npid_pp.objective.num_negatives == 9468
     assert cfgs["pirl-rotation"]["objective"]["pretext"] == "rotation"
     assert cfgs["pirl-jigsaw+rotation"]["objective"]["pretext"] == "jigsaw+rotation"
     assert cfgs["pirl-shared"]["objective"]["negatives"] == "shared"

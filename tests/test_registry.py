@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pirl import config as C
-from pirl.methods import METHODS, REGISTRY, build_train_transform, get_method
+from pirl.methods import METHODS, REGISTRY, build_train_transform, fit_to_dataset, get_method
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pirl"
 REGISTRY_FILE = PACKAGE / "methods" / "__init__.py"
@@ -119,7 +119,7 @@ def test_the_bank_flag_is_what_caps_the_negatives() -> None:
     for name, method in REGISTRY.items():
         cfg = C.from_preset("demo")
         cfg.objective.method = name
-        notes = C.validate(cfg, dataset_size=100)
+        notes = fit_to_dataset(cfg, dataset_size=100)
         assert (cfg.objective.num_negatives == 99) == method.uses_bank, name
         assert bool(notes) == method.uses_bank, name
 

@@ -447,6 +447,29 @@ def test_stopped_run_says_how_to_resume_not_where_trunk_is(
     assert printed.endswith(f"({trunk} is from an earlier, finished run of this folder)")
 
 
+def test_a_stop_signal_takes_effect_at_the_next_logging_step(
+        small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """SIGTERM during step 1 with log_every=3: the ranks agree on stopping at step 3, which
+    is checkpointed."""
+    from pirl.methods.pirl import PIRLObjective
+
+    after_step = PIRLObjective.after_step
+    calls = [0]
+
+    def sigterm_on_first_step(self: PIRLObjective, *a: Any, **k: Any) -> None:
+        after_step(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(PIRLObjective, "after_step", sigterm_on_first_step)
+    assert main(_train_args(small_data, out, "log_every=3", batch=16)) == 0
+    assert ck.safe_load(out / ck.LATEST)["position"]["step"] == 3
+    assert capsys.readouterr().out.startswith("stopped at step 3; ")
+
+
 def test_data_check_cli_lists_planted_files(tiny_imagefolder: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
@@ -601,18 +624,31 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tiny_imagefolder: Path, tmp_
                                                     capsys: pytest.CaptureFixture[str],
                                                     one_thread: None) -> None:
     out = tmp_path / "run"
-    # lr 1e28: the first update blows the weights up; the next forward pass gives NaN
+    # lr 1e28: the first update blows the weights up; the next forward pass gives NaN.  The loss
+    # is read on logging steps only (here every step): the NaN step is the one named.
     rc = main(_train_args(tiny_imagefolder, out, "base_lr=1e30", "checkpoint_every=1"))
     assert rc == 1
     line = _one_error(capsys)
-    step = int(line.split(" at step ")[1].split()[0])
-    assert "loss is nan" in line and "lower optim.base_lr" in line
+    step = int(line.split(" at or before step ")[1].split()[0])
+    assert f"loss at step {step}: nan" in line and "lower optim.base_lr" in line
     assert str(out / ck.LATEST) in line
     ckpt = ck.load_run_checkpoint(out)  # loadable ...
-    assert ckpt is not None and ckpt["position"]["step"] == step  # ... the last good step
+    assert ckpt is not None and ckpt["position"]["step"] == step - 1  # ... the last good step
     for key, value in ckpt["model"].items():
         assert torch.isfinite(value.float()).all(), key
     assert not (out / "trunk.pt").exists()
+
+
+def test_non_finite_loss_between_logging_steps_is_caught_at_the_next(
+        tiny_imagefolder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        one_thread: None) -> None:
+    """The NaN of step 2 is noticed on the device and reported at logging step 3, never saved:
+    no checkpoint was due, so the folder holds none."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_imagefolder, out, "base_lr=1e30", "log_every=3")) == 1
+    line = _one_error(capsys)
+    assert "non-finite loss at or before step 3 (epoch 1)" in line, line
+    assert ck.load_run_checkpoint(out) is None
 
 
 def test_non_finite_weights_are_never_checkpointed(tiny_imagefolder: Path, tmp_path: Path,

@@ -18,7 +18,7 @@ from pirl.checkpoint import safe_load
 from pirl.cli import main
 from pirl.data.source import ImageSource
 from pirl.evaluate.detection.schedule import rule_for_method
-from pirl.methods import REGISTRY, fit_to_labels, get_method
+from pirl.methods import REGISTRY, fit_to_dataset, get_method
 from pirl.methods.supervised import labelled_classes
 from pirl.train import pretrain
 
@@ -169,17 +169,22 @@ def test_label_checks(classes: list[str], targets: list[int], message: str) -> N
         labelled_classes(_Targets(classes, targets), "DATA")
 
 
-def test_num_classes_from_data_or_checked() -> None:
+def test_num_classes_from_data_unless_set() -> None:
     source = _Targets(["a", "b", "c"], [0, 1, 2, 1])
     cfg = tiny_cfg(epochs=1)
-    fit_to_labels(cfg, source, "DATA")
+    notes = fit_to_dataset(cfg, 4, source, "DATA")
+    assert notes == ["objective.num_classes=3: the classes of DATA"]
     assert cfg.objective.num_classes == 3
-    fit_to_labels(cfg, source, "DATA")  # a resumed run's recorded value agrees
-    cfg.objective.num_classes = 5
-    with pytest.raises(C.ConfigError, match="num_classes=5: the training data DATA has 3"):
-        fit_to_labels(cfg, source, "DATA")
-    other = tiny_cfg(epochs=1, method="pirl")
-    fit_to_labels(other, _Targets([], [-1, -1]), "DATA")  # unlabelled is fine for PIRL
+    assert fit_to_dataset(cfg, 4, source, "DATA") == []  # already fitted: nothing to say
+    fit_to_dataset(cfg, 2, _Targets(["a", "b"], [0, 1]), "OTHER")  # a value it set is not a wish
+    assert cfg.objective.num_classes == 2
+    C.set_value(cfg, "num_classes", 5)
+    with pytest.raises(C.ConfigError, match="num_classes=5: DATA has 3 classes"):
+        fit_to_dataset(cfg, 4, source, "DATA")
+    C.set_value(cfg, "num_classes", 3)
+    assert fit_to_dataset(cfg, 4, source, "DATA") == []  # an explicit value that agrees
+    other = tiny_cfg(epochs=1, method="pirl", num_negatives=1)
+    fit_to_dataset(other, 2, _Targets([], [-1, -1]), "DATA")  # unlabelled is fine for PIRL
     assert other.objective.num_classes == 0
     with pytest.raises(C.ConfigError, match="num_classes=0"):
         get_method("supervised").build_model(tiny_cfg(epochs=1))

@@ -91,7 +91,7 @@ def test_non_finite_loss_stops_and_names_the_step(tiny_imagefolder: Path, tmp_pa
     from pirl.train import NonFiniteLossError
 
     cfg = tiny_cfg(epochs=1, base_lr=1e30)
-    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 1\)"):
+    with pytest.raises(NonFiniteLossError, match=r"loss at or before step \d+ \(epoch 1\)"):
         pretrain(cfg, str(tiny_imagefolder), tmp_path / "run")
 
 
@@ -121,3 +121,34 @@ def test_knn_monitor_does_not_change_the_run(tiny_imagefolder: Path, tmp_path: P
     b = torch.load(tmp_path / "watched" / "checkpoint.pt", weights_only=True)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_progress_in_a_file_is_plain_lines(tiny_imagefolder: Path, tmp_path: Path) -> None:
+    """`pirl pretrain > file 2>&1` (a batch job's log): no carriage-return frames of progress
+    bars, but one readable line per logging step and per kNN feature pass."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    out_file = tmp_path / "out.txt"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    with open(out_file, "w") as fh:
+        rc = subprocess.run(
+            [sys.executable, "-m", "pirl", "pretrain", "--data", str(tiny_imagefolder),
+             "--val-data", str(tiny_imagefolder), "--out", str(tmp_path / "run"),
+             "--preset", "cifar10-r18", "--epochs", "2", "--batch-size", "32", "--workers", "0",
+             "model.small_stem=false", "num_negatives=32", "warmup_epochs=0", "log_every=2",
+             "knn_k=5"], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=repo,
+            timeout=600).returncode
+    text = out_file.read_text()
+    assert rc == 0, text[-3000:]
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) < 40, text  # 200 images, batch 32: 6 steps per epoch, 3 logging steps
+    steps = [line for line in lines if re.search(r"epoch \d/2  step \d/6  loss \d+\.\d{3}  "
+                                                 r"samples/s \d+$", line)]
+    assert [re.search(r"epoch \d/2  step \d/6", line).group(0) for line in steps] == [
+        f"epoch {e}/2  step {s}/6" for e in (1, 2) for s in (2, 4, 6)]
+    assert sum("train res5  batch 1/1" in line for line in lines) == 2  # kNN after each epoch

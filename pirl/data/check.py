@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from tqdm import tqdm
-
 from pirl.data.datasets import open_source
 from pirl.data.source import BadImageError, decode_image
+from pirl.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,8 @@ def check_source(path: str, min_size: int = 1, progress: bool = False) -> list[t
     source = open_source(path)
     bad: list[tuple[str, str]] = []
     read = getattr(source, "read_bytes", None)
-    for i in tqdm(range(len(source)), desc=f"checking {path}", unit="img",
-                  disable=not progress):
+    for i in Progress(range(len(source)), desc=f"checking {path}", unit="image",
+                      disable=not progress, leave=True):
         name = source.describe(i)
         try:
             if read is None:

@@ -11,15 +11,23 @@ member (the linear probe's frozen-trunk check then checks all of them).
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from pirl.evaluate.features import Features
+
+class _Rows(Protocol):
+    """What :func:`concat_features` needs of :class:`pirl.evaluate.features.Features` (named
+    structurally, so this module does not import the one that imports it)."""
+
+    feats: Tensor
+    indices: Tensor
+
+
+R = TypeVar("R", bound=_Rows)
 
 
 class TrunkEnsemble(nn.Module):
@@ -43,19 +51,21 @@ def members(trunk: nn.Module) -> list[nn.Module]:
     return list(trunk.members) if isinstance(trunk, TrunkEnsemble) else [trunk]
 
 
-def concat_features(parts: Sequence[dict[str, Features]]) -> dict[str, Features]:
+def concat_features(parts: Sequence[dict[str, R]]) -> dict[str, R]:
     """Per stage, the members' features side by side: feats ``[N, F_1 + F_2 + ...]``.
 
     Every member saw the same images, so rows must line up (same dataset indices); an image
     unreadable for one member is unreadable for all, but the check makes that an error rather
     than a silent misalignment.
     """
-    out: dict[str, Features] = {}
+    out: dict[str, R] = {}
     for stage, first in parts[0].items():
         for p in parts[1:]:
             if not torch.equal(p[stage].indices, first.indices):
                 raise RuntimeError(f"ensemble: the members' {stage} features cover different "
                                    "images; cannot concatenate them")
         feats = torch.cat([p[stage].feats for p in parts], dim=1)
-        out[stage] = dataclasses.replace(first, feats=feats)
+        joined = copy.copy(first)  # labels, indices and names are the members' shared ones
+        joined.feats = feats
+        out[stage] = joined
     return out

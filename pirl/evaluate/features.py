@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from pirl.config import ViewConfig
 from pirl.data.datasets import ViewDataset, collate_views
@@ -55,6 +54,7 @@ from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, normalize
 from pirl.distributed import all_gather_ragged, any_rank, gather_sizes, is_distributed, shard
 from pirl.evaluate.ensemble import TrunkEnsemble, concat_features
+from pirl.logs import Progress
 from pirl.trunk import STAGES, stage_features
 
 # Target number of values per pooled stage (Goyal et al.'s benchmark: ~9k).
@@ -370,8 +370,8 @@ def extract_features(trunk: nn.Module, source: ImageSource, stages: Sequence[str
     labels: list[Tensor] = []
     indices: list[Tensor] = []
     with torch.inference_mode():
-        for batch in tqdm(settings.loader(dataset), desc=f"{desc} {','.join(missing)}",
-                          disable=settings.quiet, leave=False):
+        for batch in Progress(settings.loader(dataset), desc=f"{desc} {','.join(missing)}",
+                              unit="batch", disable=settings.quiet):
             if "index" not in batch:  # every image of this batch was unreadable
                 continue
             x = normalize(batch["image"].to(device, non_blocking=True))

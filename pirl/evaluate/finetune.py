@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 from pirl.config import ViewConfig
 from pirl.data.source import ImageSource
@@ -39,6 +38,7 @@ from pirl.evaluate.features import (
 )
 from pirl.evaluate.linear import step_milestones
 from pirl.evaluate.metrics import make_generator, topk_accuracy
+from pirl.logs import Progress
 
 
 def balanced_subset(targets: Sequence[int], fraction: float, seed: int = 0) -> list[int]:
@@ -97,7 +97,7 @@ def run_finetune(trunk: nn.Module, train: ImageSource, val: ImageSource, view_cf
     drop_last = len(subset) % batch_size == 1
 
     loss_val = float("nan")
-    for epoch in tqdm(range(epochs), desc="finetune", disable=settings.quiet, leave=False):
+    for epoch in Progress(range(epochs), desc="finetune", unit="epoch", disable=settings.quiet):
         model.train()
         head.train()
         # Each epoch draws new (seeded, hence reproducible) augmentations: copy = epoch.
@@ -125,8 +125,8 @@ def run_finetune(trunk: nn.Module, train: ImageSource, val: ImageSource, view_cf
     scores, labels = [], []
     val_data = SeededItems(val, AsImage(build_eval_transform(view_cfg)))
     with torch.inference_mode():
-        for batch in tqdm(settings.loader(val_data), desc="finetune val",
-                          disable=settings.quiet, leave=False):
+        for batch in Progress(settings.loader(val_data), desc="finetune val", unit="batch",
+                              disable=settings.quiet):
             if "index" not in batch:
                 continue
             x = normalize(batch["image"].to(device, non_blocking=True))

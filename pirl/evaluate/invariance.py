@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from tqdm import tqdm
 
 from pirl.config import Config, ViewConfig
 from pirl.data.jigsaw import JigsawView
@@ -40,6 +39,7 @@ from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, normalize
 from pirl.evaluate.features import EvalSettings, SeededItems
 from pirl.evaluate.loading import EvalModel
+from pirl.logs import Progress
 from pirl.methods import build_train_transform
 
 HIST_BINS = np.linspace(0.0, 2.0, 81)  # unit vectors are at most 2 apart
@@ -92,8 +92,8 @@ def invariance_distances(model: EvalModel, source: ImageSource, view_cfg: ViewCo
     trunk_d: list[Tensor] = []
     head_d: list[Tensor] = []
     with torch.inference_mode():
-        for batch in tqdm(settings.loader(dataset), desc=f"invariance {model.name}",
-                          disable=settings.quiet, leave=False):
+        for batch in Progress(settings.loader(dataset), desc=f"invariance {model.name}",
+                              unit="batch", disable=settings.quiet):
             if "index" not in batch:  # every image of this batch was unreadable
                 continue
             image = normalize(batch["image"].to(device, non_blocking=True))  # [B,3,S,S]

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from pirl.config import ViewConfig
 from pirl.data.source import ImageSource
@@ -48,6 +47,7 @@ from pirl.evaluate.features import (
     trunk_fingerprint,
 )
 from pirl.evaluate.metrics import make_generator, markdown_table, topk_accuracy
+from pirl.logs import Progress
 from pirl.trunk import STAGES
 
 # Standardisation eps as a fraction of the mean feature variance (see train_linear_head).
@@ -94,7 +94,7 @@ def train_linear_head(train_copies: Callable[[int], Features], num_copies: int,
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, step_milestones(epochs), gamma=0.1)
     gen = make_generator(seed)
     loss_val = float("nan")
-    for epoch in tqdm(range(epochs), desc=desc, disable=quiet, leave=False):
+    for epoch in Progress(range(epochs), desc=desc, unit="epoch", disable=quiet):
         data = first if epoch % num_copies == 0 else train_copies(epoch % num_copies)
         keep = data.labels >= 0
         x_all, y_all = data.feats[keep], data.labels[keep]

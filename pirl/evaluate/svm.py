@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from pirl.config import ViewConfig
 from pirl.data.source import ImageSource
@@ -32,6 +31,7 @@ from pirl.evaluate.features import (
     extract_features,
 )
 from pirl.evaluate.metrics import topk_accuracy
+from pirl.logs import Progress
 
 DEFAULT_COSTS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -84,7 +84,7 @@ def fit_svms(train_x: Tensor, train_y: Tensor, num_classes: int,
     with warnings.catch_warnings():
         # liblinear's "did not converge" at small max_iter only affects costs that CV rejects.
         warnings.filterwarnings("ignore", message=".*converge.*")
-        for c in tqdm(range(num_classes), desc="svm classes", disable=quiet, leave=False):
+        for c in Progress(range(num_classes), desc="svm", unit="class", disable=quiet):
             y = (y_all == c).astype(np.int64)
             if y.sum() == 0:
                 raise ValueError(f"svm: class {c} has no training image")

@@ -21,7 +21,6 @@ This registry is the one place that tells the methods apart by name: everything 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,14 +28,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from pirl.config import METHODS, Config, ConfigError
+from pirl.config import METHODS, Config, ConfigError, check_explicit_negatives
 from pirl.data.jigsaw import maximal_hamming_permutations
 from pirl.data.source import ImageSource
 from pirl.data.views import SampleViews, TrainTransform
 from pirl.memory_bank import MemoryBank
 from pirl.methods import jigsaw, npid, pirl, rotation, supervised
-
-log = logging.getLogger(__name__)
 
 
 class Objective(Protocol):
@@ -76,7 +73,7 @@ class Method:
         the paper does: ``contrastive`` (a low lr, long warm-up) for PIRL and NPID++ trunks,
         ``supervised`` for the rest (see :mod:`pirl.evaluate.detection.schedule`).
     needs_labels: the objective trains on the data's labels (``batch["label"]``) and the model
-        has ``objective.num_classes`` outputs, which :func:`fit_to_labels` takes from the data.
+        has ``objective.num_classes`` outputs, which :func:`fit_to_dataset` takes from the data.
     """
 
     name: str
@@ -120,6 +117,51 @@ def get_method(name_or_cfg: str | Config) -> Method:
     return REGISTRY[name]
 
 
+def fit_to_dataset(cfg: Config, dataset_size: int, source: ImageSource | None = None,
+                   where: str = "the training data") -> list[str]:
+    """Adapt ``cfg`` to a dataset of ``dataset_size`` (|D|) images, in place, so that a preset
+    works on a dataset of a few hundred images and for a run of a single epoch.
+
+    For a method that ``uses_bank``, a number of negatives above |D| - 1 is capped there when it
+    comes from a preset (an upper bound) and refused when it was set explicitly
+    (:meth:`pirl.config.Config.is_explicit`); a warm-up as long as the run shrinks to a tenth of
+    it.  For a method that ``needs_labels``, given the images (``source``, found at ``where``):
+    every image must be labelled, and ``objective.num_classes`` becomes the number of classes of
+    the data unless it was set explicitly, when it must equal it (fewer outputs cannot score
+    every label; more train outputs no image asks for).  Returns one human-readable note per
+    change (the caller prints them).  Raises :class:`pirl.config.ConfigError` (one line) for
+    fewer than 2 images or unlabelled data.  It lives here, not in the config, because what it
+    adapts depends on the method.
+    """
+    o, op = cfg.objective, cfg.optim
+    if dataset_size < 2:
+        raise ConfigError(f"dataset has {dataset_size} image(s): need at least 2")
+    notes: list[str] = []
+    method = get_method(cfg)
+    uses_bank = method.uses_bank
+    if uses_bank and cfg.is_explicit("objective.num_negatives"):
+        check_explicit_negatives(o.num_negatives, dataset_size)
+    if uses_bank and o.num_negatives > dataset_size - 1:
+        notes.append(f"objective.num_negatives={o.num_negatives} exceeds |D| - 1 = "
+                     f"{dataset_size - 1}; using {dataset_size - 1}")
+        o.num_negatives = dataset_size - 1
+    # A preset's warm-up (e.g. 2 epochs) must not swallow a short run (`--epochs 1`): shrink it
+    # to a tenth of the run, as the negatives above, and say so.
+    if op.warmup_epochs >= op.epochs:
+        notes.append(f"optim.warmup_epochs={op.warmup_epochs} does not fit in optim.epochs="
+                     f"{op.epochs}; using {op.epochs / 10:g} (a tenth of the run)")
+        op.warmup_epochs = op.epochs / 10
+    if method.needs_labels and source is not None:
+        k = supervised.labelled_classes(source, where)
+        if cfg.is_explicit("objective.num_classes") and o.num_classes != k:
+            raise ConfigError(f"objective.num_classes={o.num_classes}: {where} has {k} classes; "
+                              "leave it unset to take the data's")
+        if o.num_classes != k:
+            notes.append(f"objective.num_classes={k}: the classes of {where}")
+            o.num_classes = k
+    return notes
+
+
 def build_model(cfg: Config) -> nn.Module:
     """The network of ``cfg.objective.method``, randomly initialised."""
     return get_method(cfg).build_model(cfg)
@@ -130,24 +172,6 @@ def build_objective(cfg: Config, dataset_size: int,
     """The objective of ``cfg.objective.method`` for a dataset of ``dataset_size`` images, its
     state (a memory bank, if any) on ``device``."""
     return get_method(cfg).build_objective(cfg, dataset_size, device)
-
-
-def fit_to_labels(cfg: Config, source: ImageSource, where: str) -> None:
-    """For a method that ``needs_labels``: stop with :class:`pirl.config.ConfigError` (one line
-    naming ``where``, the data's path) unless every image of ``source`` is labelled, and set
-    ``objective.num_classes`` to the data's number of classes when it is 0.  A number set
-    explicitly must match the data: a smaller one cannot score every label, and a larger one
-    trains outputs that no image ever asks for.  Nothing to do for the other methods."""
-    if not get_method(cfg).needs_labels:
-        return
-    k = supervised.labelled_classes(source, where)
-    o = cfg.objective
-    if o.num_classes and o.num_classes != k:
-        raise ConfigError(f"objective.num_classes={o.num_classes}: the training data {where} has "
-                          f"{k} classes; leave it at 0 to take the data's")
-    if not o.num_classes:
-        log.info("objective.num_classes=%d: the classes of %s", k, where)
-    o.num_classes = k
 
 
 def build_train_transform(cfg: Config, permutations: Tensor | None = None,
@@ -165,4 +189,4 @@ def build_train_transform(cfg: Config, permutations: Tensor | None = None,
 
 
 __all__ = ["METHODS", "REGISTRY", "Method", "Objective", "build_model", "build_objective",
-           "build_train_transform", "fit_to_labels", "get_method"]
+           "build_train_transform", "fit_to_dataset", "get_method"]

@@ -5,8 +5,9 @@ two methods see the same pixels and differ only in what they are asked to predic
 phi and one Linear C -> K over the K classes of the training data.  Loss: K-way cross-entropy
 against the label the data gives each image (``label``).
 
-K is ``objective.num_classes``; left at 0, :func:`labelled_classes` reads it from the training
-data when the run starts (an unlabelled source stops the run there, before any step).
+K is ``objective.num_classes``: unless set, :func:`pirl.methods.fit_to_dataset` takes it from the
+training data when the run starts (:func:`labelled_classes`), and an unlabelled source stops the
+run there, before any step.
 """
 
 from __future__ import annotations
