@@ -71,6 +71,9 @@ METHOD_SETTINGS: dict[str, dict[str, Any] | None] = {
     "npid++": {"method": "npid", "num_negatives": 32000},
     "jigsaw": {"method": "jigsaw"},
     "rotation": {"method": "rotation"},
+    # trained on the subset's labels (the reference of the transfer benchmarks; not a default
+    # row here, where its kNN / linear scores on the same classes would not be a fair comparison)
+    "supervised": {"method": "supervised"},
     "random": None,  # the same trunk, untrained
 }
 # The paper's comparisons first, so a run stopped early still has them (results.json is written

@@ -23,7 +23,7 @@ import yaml
 
 # The method names; pirl.methods.REGISTRY holds what each one is (it imports torch and this
 # module, so the names live here, where the config can list them without importing it).
-METHODS = ("pirl", "jigsaw", "rotation", "npid")
+METHODS = ("pirl", "jigsaw", "rotation", "npid", "supervised")
 PRETEXTS = ("jigsaw", "rotation", "jigsaw+rotation")
 LOSSES = ("nce", "nce-fixed-z", "infonce")
 NEGATIVE_MODES = ("per-sample", "shared")
@@ -96,6 +96,9 @@ class ObjectiveConfig:
     bank_momentum: float = _f(0.5, "memory bank update m <- normalize(momentum*m + (1-momentum)*f)")
     bank_dtype: str = _f("float32", f"storage dtype of the memory bank, one of {BANK_DTYPES}")
     num_permutations: int = _f(1000, "jigsaw baseline: size of the maximal-Hamming permutation set")
+    num_classes: int = _f(0, "supervised: outputs of the classifier; unless set, the number of "
+                          "classes of the training data, filled in when training starts "
+                          "(config.yaml and the checkpoint record the number used)")
 
 
 @dataclass
@@ -435,6 +438,8 @@ def validate(cfg: Config) -> None:
            "must be in [0, 1)")
     _check(o.num_permutations >= 2, "objective.num_permutations", o.num_permutations,
            "need at least 2 permutations")
+    _check(o.num_classes >= 0, "objective.num_classes", o.num_classes,
+           "must be non-negative (0: not known yet)")
     _check(op.epochs >= 1, "optim.epochs", op.epochs, "must be at least 1")
     _check(op.batch_size >= 2, "optim.batch_size", op.batch_size,
            "must be at least 2 (BatchNorm needs more than one sample)")

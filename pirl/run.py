@@ -122,7 +122,7 @@ def open_run(cfg: C.Config, data: str, out: Path, env: DistEnv
     out = prepare_run_dir(out) if env.is_main else Path(out)
     source = open_source(data)
     n = len(source)
-    for note in fit_to_dataset(cfg, n):
+    for note in fit_to_dataset(cfg, n, source, data):
         if env.is_main:
             log.info(note)
     if cfg.optim.batch_size % env.world_size:

@@ -107,10 +107,11 @@ def test_every_config_method_has_one_entry() -> None:
 
 
 def test_flags() -> None:
-    """Which methods keep a bank, draw from a permutation set, have both heads."""
+    """Which methods keep a bank, draw from a permutation set, have both heads, train on labels."""
     assert {n for n, m in REGISTRY.items() if m.uses_bank} == {"pirl", "npid"}
     assert {n for n, m in REGISTRY.items() if m.needs_permutations} == {"jigsaw"}
     assert {n for n, m in REGISTRY.items() if m.has_f_and_g} == {"pirl"}
+    assert {n for n, m in REGISTRY.items() if m.needs_labels} == {"supervised"}
 
 
 def test_the_bank_flag_is_what_caps_the_negatives() -> None:

@@ -1,17 +1,19 @@
-"""The methods: PIRL and the baselines it is compared with.  Open :mod:`pirl.methods.pirl` first.
+"""The methods: PIRL, the baselines it is compared with, and supervised pre-training.  Open
+:mod:`pirl.methods.pirl` first.
 
-=========  =====================================  ====================  ========================
-method     a training sample holds                model returns         objective
-=========  =====================================  ====================  ========================
-pirl       image [3,S,S] and, by pretext, patches  z_img, z_t [B,D]      Eq. 5 against the bank
-           [P,3,p,p] (jigsaw; jigsaw+rotation:
-           cut from the rotated crop) or rotated
-           [3,S,S] (rotation)
-npid       image                                   z_img                 NCE against the bank
-jigsaw     patches ordered by a permutation of     logits [B,n]          cross-entropy
-           the set, perm_label ()
-rotation   rotated, rotation ()                    logits [B,4]          cross-entropy
-=========  =====================================  ====================  ========================
+==========  =====================================  ====================  ========================
+method      a training sample holds                model returns         objective
+==========  =====================================  ====================  ========================
+pirl        image [3,S,S] and, by pretext, patches  z_img, z_t [B,D]      Eq. 5 against the bank
+            [P,3,p,p] (jigsaw; jigsaw+rotation:
+            cut from the rotated crop) or rotated
+            [3,S,S] (rotation)
+npid        image                                   z_img                 NCE against the bank
+jigsaw      patches ordered by a permutation of     logits [B,n]          cross-entropy
+            the set, perm_label ()
+rotation    rotated, rotation ()                    logits [B,4]          cross-entropy
+supervised  image, label () (the data's class)      logits [B,K]          cross-entropy
+==========  =====================================  ====================  ========================
 
 This registry is the one place that tells the methods apart by name: everything else asks
 :func:`get_method` for the :class:`Method` of ``cfg.objective.method`` and reads its fields.
@@ -28,9 +30,10 @@ from torch import Tensor, nn
 
 from pirl.config import METHODS, Config, ConfigError, check_explicit_negatives
 from pirl.data.jigsaw import maximal_hamming_permutations
+from pirl.data.source import ImageSource
 from pirl.data.views import SampleViews, TrainTransform
 from pirl.memory_bank import MemoryBank
-from pirl.methods import jigsaw, npid, pirl, rotation
+from pirl.methods import jigsaw, npid, pirl, rotation, supervised
 
 
 class Objective(Protocol):
@@ -69,6 +72,8 @@ class Method:
     transfer_lr_rule: the learning-rate rule detection fine-tuning starts such a trunk with, as
         the paper does: ``contrastive`` (a low lr, long warm-up) for PIRL and NPID++ trunks,
         ``supervised`` for the rest (see :mod:`pirl.evaluate.detection.schedule`).
+    needs_labels: the objective trains on the data's labels (``batch["label"]``) and the model
+        has ``objective.num_classes`` outputs, which :func:`fit_to_dataset` takes from the data.
     """
 
     name: str
@@ -79,21 +84,25 @@ class Method:
     needs_permutations: bool
     has_f_and_g: bool
     transfer_lr_rule: str
+    needs_labels: bool
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("pirl", pirl.views, pirl.build_model, pirl.PIRLObjective,
            uses_bank=True, needs_permutations=False, has_f_and_g=True,
-           transfer_lr_rule="contrastive"),
+           transfer_lr_rule="contrastive", needs_labels=False),
     Method("npid", npid.views, npid.build_model, npid.NPIDObjective,
            uses_bank=True, needs_permutations=False, has_f_and_g=False,
-           transfer_lr_rule="contrastive"),
+           transfer_lr_rule="contrastive", needs_labels=False),
     Method("jigsaw", jigsaw.views, jigsaw.build_model, jigsaw.build_objective,
            uses_bank=False, needs_permutations=True, has_f_and_g=False,
-           transfer_lr_rule="supervised"),
+           transfer_lr_rule="supervised", needs_labels=False),
     Method("rotation", rotation.views, rotation.build_model, rotation.build_objective,
            uses_bank=False, needs_permutations=False, has_f_and_g=False,
-           transfer_lr_rule="supervised"),
+           transfer_lr_rule="supervised", needs_labels=False),
+    Method("supervised", supervised.views, supervised.build_model, supervised.build_objective,
+           uses_bank=False, needs_permutations=False, has_f_and_g=False,
+           transfer_lr_rule="supervised", needs_labels=True),
 )}
 if set(REGISTRY) != set(METHODS):  # the config lists the names, torch-free; each needs an entry
     raise ImportError(f"pirl.methods: registry {sorted(REGISTRY)} != config.METHODS "
@@ -108,22 +117,28 @@ def get_method(name_or_cfg: str | Config) -> Method:
     return REGISTRY[name]
 
 
-def fit_to_dataset(cfg: Config, dataset_size: int) -> list[str]:
+def fit_to_dataset(cfg: Config, dataset_size: int, source: ImageSource | None = None,
+                   where: str = "the training data") -> list[str]:
     """Adapt ``cfg`` to a dataset of ``dataset_size`` (|D|) images, in place, so that a preset
     works on a dataset of a few hundred images and for a run of a single epoch.
 
     For a method that ``uses_bank``, a number of negatives above |D| - 1 is capped there when it
     comes from a preset (an upper bound) and refused when it was set explicitly
     (:meth:`pirl.config.Config.is_explicit`); a warm-up as long as the run shrinks to a tenth of
-    it.  Returns one human-readable note per change (the caller prints them).  Raises
-    :class:`pirl.config.ConfigError` for fewer than 2 images.  It lives here, not in the config,
-    because what it adapts depends on the method.
+    it.  For a method that ``needs_labels``, given the images (``source``, found at ``where``):
+    every image must be labelled, and ``objective.num_classes`` becomes the number of classes of
+    the data unless it was set explicitly, when it must equal it (fewer outputs cannot score
+    every label; more train outputs no image asks for).  Returns one human-readable note per
+    change (the caller prints them).  Raises :class:`pirl.config.ConfigError` (one line) for
+    fewer than 2 images or unlabelled data.  It lives here, not in the config, because what it
+    adapts depends on the method.
     """
     o, op = cfg.objective, cfg.optim
     if dataset_size < 2:
         raise ConfigError(f"dataset has {dataset_size} image(s): need at least 2")
     notes: list[str] = []
-    uses_bank = get_method(cfg).uses_bank
+    method = get_method(cfg)
+    uses_bank = method.uses_bank
     if uses_bank and cfg.is_explicit("objective.num_negatives"):
         check_explicit_negatives(o.num_negatives, dataset_size)
     if uses_bank and o.num_negatives > dataset_size - 1:
@@ -136,6 +151,14 @@ def fit_to_dataset(cfg: Config, dataset_size: int) -> list[str]:
         notes.append(f"optim.warmup_epochs={op.warmup_epochs} does not fit in optim.epochs="
                      f"{op.epochs}; using {op.epochs / 10:g} (a tenth of the run)")
         op.warmup_epochs = op.epochs / 10
+    if method.needs_labels and source is not None:
+        k = supervised.labelled_classes(source, where)
+        if cfg.is_explicit("objective.num_classes") and o.num_classes != k:
+            raise ConfigError(f"objective.num_classes={o.num_classes}: {where} has {k} classes; "
+                              "leave it unset to take the data's")
+        if o.num_classes != k:
+            notes.append(f"objective.num_classes={k}: the classes of {where}")
+            o.num_classes = k
     return notes
 
 

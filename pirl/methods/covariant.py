@@ -1,6 +1,7 @@
 """What the covariant baselines (Jigsaw, Rotation) share: their objective, cross-entropy of the
 classifier's logits against the label of the transformation the data pipeline applied.  No
-memory bank and no state."""
+memory bank and no state.  Supervised pre-training uses it too, with the image's class as the
+label."""
 
 from __future__ import annotations
 
