@@ -43,6 +43,7 @@ for path in (REPO, HERE):  # the package beside the script, and quality.py (a si
 import quality as Q  # noqa: E402
 
 from pirl import config as C  # noqa: E402
+from pirl.presets import PRESETS  # noqa: E402
 from pirl.bench import add_data_root_argument, data_root  # noqa: E402
 from pirl.evaluate.metrics import markdown_table  # noqa: E402
 
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detection-root", default=None, metavar="DIR",
                    help="folder holding raccoon.tar and bccd.tar (default DATA_ROOT/detection)")
     g = p.add_argument_group("pre-training (default: the mode's)")
-    g.add_argument("--preset", default=None, choices=C.PRESETS)
+    g.add_argument("--preset", default=None, choices=PRESETS)
     g.add_argument("--subset", type=int, default=None,
                    help="training images per class (0 = the whole split)")
     g.add_argument("--epochs", type=int, default=None)

@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout: import the pac
     sys.path.insert(0, str(REPO))
 
 from pirl import config as C  # noqa: E402
+from pirl.presets import PRESETS  # noqa: E402
 from pirl.bench import add_data_root_argument, data_root  # noqa: E402
 from pirl.data.datasets import TarSource, open_source  # noqa: E402
 from pirl.data.source import ImageSource  # noqa: E402
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from {','.join(METHOD_SETTINGS)}")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=C.PRESETS,
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
                    help="shared recipe every method starts from")
     p.add_argument("--epochs", type=int, default=None,
                    help="pretraining epochs (default: the preset's)")

@@ -54,6 +54,7 @@ from pirl import config as C
 from pirl.data import ColourCollate, ViewDataset, collate_views, open_source
 from pirl.kernels.colour import resolve_colour_backend
 from pirl.methods import build_model, build_objective, build_train_transform, fit_to_dataset
+from pirl.presets import view_preset
 from pirl.schedule import build_optimizer
 
 PYCONTRAST_SAMPLES_S = 38.0  # issue 6: PyContrast, this machine kind, same setting
@@ -65,7 +66,7 @@ def build_config(args: argparse.Namespace) -> C.Config:
     """The run config of the benchmark: the 64-px ResNet-18 preset with the issue's numbers."""
     cfg = C.from_preset("tiny64-r18")
     size = args.image_size
-    views = C.view_preset(size) if size != 64 else {}
+    views = view_preset(size) if size != 64 else {}
     C.apply_mapping(cfg, {**views, "arch": args.arch, "batch_size": args.batch,
                           "num_negatives": args.negatives, "negatives": args.mode,
                           "loss": args.loss, "bank_dtype": args.bank_dtype,

@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 
 from pirl import config as C
+from pirl.presets import PRESETS
 
 log = logging.getLogger("pirl")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
-    p.add_argument("--preset", default=default_preset, choices=C.PRESETS,
+    p.add_argument("--preset", default=default_preset, choices=PRESETS,
                    help=f"recipe to start from (default: {default_preset})")
     p.add_argument("--config", metavar="FILE", help="YAML file of overrides (after the preset)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -192,8 +193,8 @@ def _worker_message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pirl`` console script and ``python -m pirl``."""
     from pirl.checkpoint import CheckpointError
+    from pirl.console import setup_logging
     from pirl.data.source import DatasetError, UnreadableDataError
-    from pirl.logs import setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from pirl import config as C
 from pirl.checkpoint import restore_training_state, save_run_checkpoint, training_state
+from pirl.console import Progress
 from pirl.data import open_source
 from pirl.data.sampler import seed_everything
 from pirl.data.views import maximal_hamming_permutations, normalize
@@ -38,7 +39,7 @@ from pirl.distributed import (
     setup_distributed,
 )
 from pirl.kernels.colour import resolve_colour_backend
-from pirl.logs import Progress, RunLogger
+from pirl.logs import RunLogger
 from pirl.methods import Objective, build_model, build_objective, get_method
 from pirl.run import (
     LoopState,

@@ -6,6 +6,7 @@ import pytest
 
 from pirl import config as C
 from pirl.methods import fit_to_dataset
+from pirl.presets import PRESETS, view_preset
 
 
 def test_defaults_are_the_paper_recipe() -> None:
@@ -19,7 +20,7 @@ def test_defaults_are_the_paper_recipe() -> None:
     assert (cfg.optim.momentum, cfg.optim.weight_decay) == (0.9, 1e-4)
 
 
-@pytest.mark.parametrize("name", C.PRESETS)
+@pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_validates_and_fits_a_small_dataset(name: str) -> None:
     cfg = C.from_preset(name)
     C.validate(cfg)
@@ -32,7 +33,7 @@ def test_every_preset_validates_and_fits_a_small_dataset(name: str) -> None:
 
 @pytest.mark.parametrize("size", [224, 96, 64, 32])
 def test_view_presets_fit_their_geometry(size: int) -> None:
-    p = C.view_preset(size)
+    p = view_preset(size)
     assert p["cell"] * 3 <= p["jigsaw_crop"]
     assert p["patch"] < p["cell"]
     # patch ~ cell * 64/85 within a pixel; crop ~ 255/224 * size rounded to a multiple of 3

@@ -18,13 +18,14 @@ import torch
 from torchvision.ops import FrozenBatchNorm2d
 
 from pirl.cli import build_parser
-from pirl.config import Config, to_dict, view_preset
+from pirl.config import Config, to_dict
 from pirl.data.source import DatasetError
 from pirl.data.voc import VOC_CLASSES, VOCSource, parse_data_paths
 from pirl.evaluate.detection.metrics import detection_metrics
 from pirl.evaluate.detection.model import build_detector
 from pirl.evaluate.detection.schedule import resolve_schedule, rule_for_method
 from pirl.methods import build_model
+from pirl.presets import view_preset
 from pirl.trunk import build_trunk
 
 DET_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "detection"

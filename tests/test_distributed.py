@@ -44,7 +44,7 @@ WORKER = textwrap.dedent('''
     import pirl.train
     from pirl import config as C
     from pirl.distributed import ReplicaDriftError
-    from pirl.logs import setup_logging
+    from pirl.console import setup_logging
     from pirl.methods.pirl import PIRLObjective
 
     spec = json.loads(sys.argv[1])

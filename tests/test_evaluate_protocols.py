@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import IMAGENETTE_DIR
 
-from pirl.config import Config, to_dict, view_preset
+from pirl.config import Config, to_dict
 from pirl.data.datasets import open_source
 from pirl.evaluate import features as feat_mod
 from pirl.evaluate import linear as linear_mod
@@ -34,6 +34,7 @@ from pirl.evaluate.loading import load_eval_model
 from pirl.evaluate.neighbors import run_neighbors
 from pirl.evaluate.svm import run_svm
 from pirl.methods import build_model
+from pirl.presets import view_preset
 from pirl.trunk import build_trunk
 
 VAL_TAR = IMAGENETTE_DIR / "val.tar"

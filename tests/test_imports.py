@@ -107,3 +107,11 @@ def test_graph_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
 def test_no_import_cycles() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_package_file_outside_kernels_is_much_over_400_lines() -> None:
+    """The layout rule: one concept per file, ~400 lines at most, the engine room excepted."""
+    too_long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+                if "kernels" not in p.parts
+                and (n := len(p.read_text().splitlines())) > 420}
+    assert not too_long, f"files over ~400 lines outside pirl/kernels: {too_long}"

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pirl.console import Progress, setup_logging
 from pirl.logs import (
     LOG_NAME,
     LogFormatError,
-    Progress,
     RunLogger,
     read_log,
-    setup_logging,
     tensorboard_available,
 )
 from pirl.plots import add_plot_parser, load_curves, plot_runs, smooth

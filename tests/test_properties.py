@@ -26,6 +26,7 @@ from pirl.data.sampler import seed_everything
 from pirl.data.source import decode_image
 from pirl.data.views import build_eval_transform
 from pirl.methods import build_train_transform, fit_to_dataset
+from pirl.presets import PRESETS
 
 MODES = ("RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1", "YCbCr")
 # (method, pretext): every view combination the trainer builds
@@ -100,7 +101,7 @@ sizes = st.one_of(
 
 
 @FAST
-@given(size=sizes, mode=st.sampled_from(MODES), preset=st.sampled_from(C.PRESETS),
+@given(size=sizes, mode=st.sampled_from(MODES), preset=st.sampled_from(PRESETS),
        method=st.sampled_from(METHODS), seed=st.integers(0, 2**31 - 1))
 @example(size=(1, 1), mode="RGB", preset="imagenet-r50", method=("pirl", "jigsaw"), seed=0)
 # found by this test: an 8x6 crop upsampled to 224 px differed between two calls with the same
@@ -141,7 +142,7 @@ def test_train_views_have_fixed_shapes_on_any_image(size: tuple[int, int], mode:
 
 
 @FAST
-@given(size=sizes, preset=st.sampled_from(C.PRESETS))
+@given(size=sizes, preset=st.sampled_from(PRESETS))
 @example(size=(1, 1), preset="imagenet-r50")
 @example(size=(5000, 3), preset="cifar10-r18")
 def test_eval_view_has_fixed_shape_on_any_image(size: tuple[int, int], preset: str) -> None:
@@ -171,7 +172,7 @@ keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=20))
 
 @settings(max_examples=200, deadline=None)
 @given(pairs=st.lists(st.tuples(keys, values), min_size=1, max_size=4),
-       preset=st.sampled_from(C.PRESETS))
+       preset=st.sampled_from(PRESETS))
 @example(pairs=[("base_lr", "[")], preset="demo")
 @example(pairs=[("optim.epochs", "1e999")], preset="demo")
 @example(pairs=[("tau", ".nan")], preset="demo")
@@ -219,7 +220,7 @@ def test_config_files_fail_only_with_config_error(mapping: dict[str, Any]) -> No
         assert "\n" not in str(e).strip()
 
 
-@pytest.mark.parametrize("preset", C.PRESETS)
+@pytest.mark.parametrize("preset", PRESETS)
 def test_saved_config_round_trips(preset: str) -> None:
     """to_dict -> YAML -> from_dict gives the same config (resume and eval rely on it)."""
     cfg = C.from_preset(preset)

@@ -15,7 +15,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import default_collate
 
-from pirl.config import Config, ViewConfig, apply_mapping, view_preset
+from pirl.config import Config, ViewConfig, apply_mapping
 from pirl.data.augment import (
     Photometric,
     apply_photometric,
@@ -43,6 +43,7 @@ from pirl.kernels.colour_reference import photometric_reference
 from pirl.kernels.colour_torch import color_jitter_batch, colour_jobs
 from pirl.methods import build_train_transform
 from pirl.plots import show_views
+from pirl.presets import view_preset
 
 PRESETS = (224, 96, 64, 32)
 # Both implementations of the colour augmentation; numba only where installed (it is in the dev

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
+from pirl.console import Progress
 from pirl.data.datasets import open_source
 from pirl.data.source import BadImageError, decode_image
-from pirl.logs import Progress
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from pirl import config as C
 from pirl.data.source import ImageSource
 from pirl.evaluate.features import EvalSettings, default_cache_dir, trunk_fingerprint
 from pirl.evaluate.metrics import markdown_table
+from pirl.presets import PRESETS, view_preset
 from pirl.trunk import STAGES
 
 PROTOCOLS = ("knn", "linear", "svm", "finetune", "invariance", "neighbors")
@@ -50,7 +51,7 @@ def _common(p: argparse.ArgumentParser, needs_train: bool, many_checkpoints: boo
     p.add_argument("--image-size", type=int, default=None,
                    help="evaluation crop side, px (resize = ~256/224 of it; jigsaw geometry "
                    "scaled likewise).  Default: the checkpoint's training size, else 224")
-    p.add_argument("--preset", default=None, choices=C.PRESETS,
+    p.add_argument("--preset", default=None, choices=PRESETS,
                    help="take the view geometry from this preset instead of --image-size")
     p.add_argument("--batch-size", type=int, default=256,
                    help="images per forward pass when extracting features")
@@ -171,7 +172,7 @@ def scaled_views(image_size: int) -> C.ViewConfig:
     the same ratios (crop 255/224, cell crop/3, patch cell*64/85, resize 256/224)."""
     views = C.ViewConfig()
     try:
-        numbers = C.view_preset(image_size)
+        numbers = view_preset(image_size)
     except C.ConfigError:
         crop = max(3, round(image_size * 255 / 224))
         cell = crop // 3

@@ -48,13 +48,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pirl.config import ViewConfig
+from pirl.console import Progress
 from pirl.data.datasets import ViewDataset, collate_views
 from pirl.data.sampler import usable_workers
 from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, normalize
 from pirl.distributed import all_gather_ragged, any_rank, gather_sizes, is_distributed, shard
 from pirl.evaluate.ensemble import TrunkEnsemble, concat_features
-from pirl.logs import Progress
 from pirl.trunk import STAGES, stage_features
 
 # Target number of values per pooled stage (Goyal et al.'s benchmark: ~9k).

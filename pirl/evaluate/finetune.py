@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from pirl.config import ViewConfig
+from pirl.console import Progress
 from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, normalize
 from pirl.evaluate.features import (
@@ -38,7 +39,6 @@ from pirl.evaluate.features import (
 )
 from pirl.evaluate.linear import step_milestones
 from pirl.evaluate.metrics import make_generator, topk_accuracy
-from pirl.logs import Progress
 
 
 def balanced_subset(targets: Sequence[int], fraction: float, seed: int = 0) -> list[int]:

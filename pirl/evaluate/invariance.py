@@ -34,12 +34,12 @@ from PIL import Image
 from torch import Tensor
 
 from pirl.config import Config, ViewConfig
+from pirl.console import Progress
 from pirl.data.jigsaw import JigsawView
 from pirl.data.source import ImageSource
 from pirl.data.views import build_eval_transform, normalize
 from pirl.evaluate.features import EvalSettings, SeededItems
 from pirl.evaluate.loading import EvalModel
-from pirl.logs import Progress
 from pirl.methods import build_train_transform
 
 HIST_BINS = np.linspace(0.0, 2.0, 81)  # unit vectors are at most 2 apart

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pirl.config import ViewConfig
+from pirl.console import Progress
 from pirl.data.source import ImageSource
 from pirl.evaluate.features import (
     EvalSettings,
@@ -47,7 +48,6 @@ from pirl.evaluate.features import (
     trunk_fingerprint,
 )
 from pirl.evaluate.metrics import make_generator, markdown_table, topk_accuracy
-from pirl.logs import Progress
 from pirl.trunk import STAGES
 
 # Standardisation eps as a fraction of the mean feature variance (see train_linear_head).

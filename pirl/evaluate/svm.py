@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pirl.config import ViewConfig
+from pirl.console import Progress
 from pirl.data.source import ImageSource
 from pirl.evaluate.features import (
     EvalSettings,
@@ -31,7 +32,6 @@ from pirl.evaluate.features import (
     extract_features,
 )
 from pirl.evaluate.metrics import topk_accuracy
-from pirl.logs import Progress
 
 DEFAULT_COSTS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
 
