@@ -43,9 +43,9 @@ for path in (REPO, HERE):  # the package beside the script, and quality.py (a si
 import quality as Q  # noqa: E402
 
 from pirl import config as C  # noqa: E402
-from pirl.presets import PRESETS  # noqa: E402
 from pirl.bench import add_data_root_argument, data_root  # noqa: E402
 from pirl.evaluate.metrics import markdown_table  # noqa: E402
+from pirl.presets import PRESETS  # noqa: E402
 
 log = logging.getLogger("detection-bench")
 

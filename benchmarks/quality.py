@@ -43,7 +43,6 @@ if str(REPO) not in sys.path:  # run as a script from a checkout: import the pac
     sys.path.insert(0, str(REPO))
 
 from pirl import config as C  # noqa: E402
-from pirl.presets import PRESETS  # noqa: E402
 from pirl.bench import add_data_root_argument, data_root  # noqa: E402
 from pirl.data.datasets import TarSource, open_source  # noqa: E402
 from pirl.data.source import ImageSource  # noqa: E402
@@ -52,6 +51,7 @@ from pirl.evaluate.knn import run_knn  # noqa: E402
 from pirl.evaluate.linear import run_linear  # noqa: E402
 from pirl.evaluate.loading import load_eval_model  # noqa: E402
 from pirl.evaluate.metrics import markdown_table  # noqa: E402
+from pirl.presets import PRESETS  # noqa: E402
 
 log = logging.getLogger("quality")
 
