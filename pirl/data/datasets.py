@@ -27,13 +27,14 @@ import os
 import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from pirl.data.source import (
+    ArchiveReader,
     BadImageError,
     DatasetError,
     ImageSource,
@@ -189,9 +190,9 @@ class TarSource(ImageSource):
     """An ImageFolder layout inside an uncompressed tar archive, read in place.
 
     The archive is scanned once (member names, data offsets, sizes); each :meth:`load` is a
-    ``seek`` + ``read`` on a file handle opened lazily in the calling process.  The handle is
-    dropped when pickling (:meth:`__getstate__`), so every DataLoader worker opens its own and no
-    two processes share a file position.  Members with absolute paths or ``..`` components are
+    ``seek`` + ``read`` through an :class:`~pirl.data.source.ArchiveReader`, whose handle each
+    process (each DataLoader worker) opens for itself, so no two processes share a file
+    position.  Members with absolute paths or ``..`` components are
     ignored (they cannot belong to a well-formed dataset and would escape the archive's tree).
     """
 
@@ -227,25 +228,7 @@ class TarSource(ImageSource):
         # numpy arrays, not lists of ints: one object each instead of millions for ImageNet
         self.offsets = np.array([where[f][0] for f in lay.samples], dtype=np.int64)
         self.sizes = np.array([where[f][1] for f in lay.samples], dtype=np.int64)
-        self._fh: BinaryIO | None = None
-        self._pid = -1
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_fh"], state["_pid"] = None, -1
-        return state
-
-    def __del__(self) -> None:
-        fh = self.__dict__.get("_fh")
-        if fh is not None:
-            fh.close()
-
-    def _file(self) -> BinaryIO:
-        # Re-open after a fork too: a handle inherited from the parent shares its file offset.
-        if self._fh is None or self._pid != os.getpid():
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for the process's life
-            self._pid = os.getpid()
-        return self._fh
+        self._reader = ArchiveReader(self.path)
 
     def describe(self, i: int) -> str:
         return f"{self.path}:{self.members[self._check_index(i)]}"
@@ -253,13 +236,7 @@ class TarSource(ImageSource):
     def read_bytes(self, i: int) -> bytes:
         """The raw (encoded) bytes of member ``i``.  Raises :class:`BadImageError`."""
         i = self._check_index(i)
-        fh = self._file()
-        fh.seek(int(self.offsets[i]))
-        data = fh.read(int(self.sizes[i]))
-        if len(data) != int(self.sizes[i]):
-            raise BadImageError(self.describe(i), f"archive ends early: got {len(data)} of "
-                                                  f"{int(self.sizes[i])} bytes")
-        return data
+        return self._reader.read(int(self.offsets[i]), int(self.sizes[i]), self.describe(i))
 
     def load(self, i: int) -> Image.Image:
         return decode_image(self.read_bytes(i), self.describe(i))

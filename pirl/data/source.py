@@ -14,6 +14,8 @@ The sources themselves are :class:`pirl.data.datasets.FolderSource`,
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -137,3 +139,39 @@ class ImageSource:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} images, {len(self.classes)} classes)"
+
+
+class ArchiveReader:
+    """Byte ranges of one archive file, read through a handle opened once per process.
+
+    The handle is dropped when pickling and reopened after a fork, so every DataLoader worker
+    reads through its own: a handle shared across processes shares its file position.  Used by
+    the ImageFolder tar (:class:`pirl.data.datasets.TarSource`) and the VOC tar reader.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fh: BinaryIO | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fh"], state["_pid"] = None, -1
+        return state
+
+    def __del__(self) -> None:
+        fh = self.__dict__.get("_fh")
+        if fh is not None:
+            fh.close()
+
+    def read(self, offset: int, size: int, name: str) -> bytes:
+        """``size`` bytes at ``offset``; :class:`BadImageError` naming ``name`` if the file ends
+        first (a truncated archive)."""
+        if self._fh is None or self._pid != os.getpid():
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for the process's life
+            self._pid = os.getpid()
+        self._fh.seek(offset)
+        data = self._fh.read(size)
+        if len(data) != size:
+            raise BadImageError(name, f"archive ends early: got {len(data)} of {size} bytes")
+        return data

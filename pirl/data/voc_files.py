@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, BinaryIO
 
 from pirl.data.datasets import safe_parts
-from pirl.data.source import BadImageError, DatasetError
+from pirl.data.source import ArchiveReader, BadImageError, DatasetError
 
 ROOT_MARKERS = ("Annotations", "JPEGImages")
 
@@ -92,19 +91,7 @@ class TarFiles(Files):
         except tarfile.ReadError as e:
             raise DatasetError(f"{path}: not an uncompressed tar archive ({e}); if it is "
                                "compressed (.tar.gz ...), decompress it first") from e
-        self._fh: BinaryIO | None = None
-        self._pid = -1
-
-    def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers each open their own handle: a shared one shares its file position.
-        state = self.__dict__.copy()
-        state["_fh"], state["_pid"] = None, -1
-        return state
-
-    def __del__(self) -> None:
-        fh = self.__dict__.get("_fh")
-        if fh is not None:
-            fh.close()
+        self._reader = ArchiveReader(path)
 
     def has(self, rel: str) -> bool:
         return rel in self.index
@@ -112,16 +99,8 @@ class TarFiles(Files):
     def read(self, rel: str) -> bytes:
         if rel not in self.index:
             raise BadImageError(self.describe(rel), "no such member")
-        if self._fh is None or self._pid != os.getpid():
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept for the process's life
-            self._pid = os.getpid()
         offset, size = self.index[rel]
-        self._fh.seek(offset)
-        data = self._fh.read(size)
-        if len(data) != size:
-            raise BadImageError(self.describe(rel), f"archive ends early: got {len(data)} of "
-                                                    f"{size} bytes")
-        return data
+        return self._reader.read(offset, size, self.describe(rel))
 
     def dirs(self) -> set[str]:
         return {rel.rpartition("/")[0] for rel in self.index}
