@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -405,6 +406,23 @@ def test_strict_data_stops_at_the_first_bad_file(
     gc.collect()  # shut the workers down now, under the short interval
 
 
+def _sigterm_on_first_step() -> tuple[Callable[..., None], list[int]]:
+    """A ``PIRLObjective.after_step`` that sends this process SIGTERM after the first step it
+    runs, and the call counter it uses (reset it to fire again)."""
+    from pirl.methods.pirl import PIRLObjective
+
+    after_step = PIRLObjective.after_step
+    calls = [0]
+
+    def patched(self: PIRLObjective, *a: Any, **k: Any) -> None:
+        after_step(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return patched, calls
+
+
 def test_stopped_run_says_how_to_resume_not_where_trunk_is(
         small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
@@ -413,13 +431,7 @@ def test_stopped_run_says_how_to_resume_not_where_trunk_is(
     from pirl.methods.pirl import PIRLObjective
 
     after_step = PIRLObjective.after_step
-    calls = [0]
-
-    def sigterm_on_first_step(self: PIRLObjective, *a: Any, **k: Any) -> None:
-        after_step(self, *a, **k)
-        calls[0] += 1
-        if calls[0] == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+    sigterm_on_first_step, calls = _sigterm_on_first_step()
 
     out = tmp_path / "run"
     trunk = out / "trunk.pt"
@@ -454,14 +466,7 @@ def test_a_stop_signal_takes_effect_at_the_next_logging_step(
     is checkpointed."""
     from pirl.methods.pirl import PIRLObjective
 
-    after_step = PIRLObjective.after_step
-    calls = [0]
-
-    def sigterm_on_first_step(self: PIRLObjective, *a: Any, **k: Any) -> None:
-        after_step(self, *a, **k)
-        calls[0] += 1
-        if calls[0] == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+    sigterm_on_first_step, _ = _sigterm_on_first_step()
 
     out = tmp_path / "run"
     monkeypatch.setattr(PIRLObjective, "after_step", sigterm_on_first_step)
