@@ -116,7 +116,8 @@ def infonce_from_logits(pos: Tensor, neg: Tensor) -> Tensor:
     return torch.logsumexp(torch.cat([pos.unsqueeze(1), neg], dim=1), dim=1) - pos
 
 
-def nce_fixed_z_from_logits(pos: Tensor, neg: Tensor, log_z: float, dataset_size: int) -> Tensor:
+def nce_fixed_z_from_logits(pos: Tensor, neg: Tensor, log_z: float | Tensor,
+                            dataset_size: int) -> Tensor:
     """Binary NCE with a uniform noise distribution and a fixed normaliser (the authors' VISSL
     release, after NPID's ``NCECriterion``) -> ``[B]``.
 
@@ -127,6 +128,7 @@ def nce_fixed_z_from_logits(pos: Tensor, neg: Tensor, log_z: float, dataset_size
     * ``-log(P / (P + k)) = log(1 + k/P) = softplus(log k - a_p + log Z)``
     * ``-log(k / (P + k)) = log(1 + P/k) = softplus(a_j - log Z - log k)``
 
+    ``log_z``: a float or a 0-dim tensor (on the scores' device, so the step never reads it back).
     VISSL adds an ``eps`` of 1.2e-7 to the denominators to avoid log(0); in log space it is not
     needed, and it is omitted (its effect is below float32 resolution for any sane score).
     """
@@ -136,14 +138,15 @@ def nce_fixed_z_from_logits(pos: Tensor, neg: Tensor, log_z: float, dataset_size
             + F.softplus(neg - log_z - log_k).sum(dim=1))
 
 
-def estimate_log_z_from_logits(pos: Tensor, neg: Tensor, dataset_size: int) -> float:
+def estimate_log_z_from_logits(pos: Tensor, neg: Tensor, dataset_size: int) -> Tensor:
     """log Z for :func:`nce_fixed_z_from_logits`, estimated once from the first batch, as NPID and
     VISSL do: ``Z = mean(exp(a)) * |D|`` where the mean runs over every score of the batch, the
     positive column included (both references score ``[B, 1+N]`` and average all of it; the
-    positive's share is 1/(N+1)).  Computed as ``logsumexp(a) - log(count) + log|D|``.
+    positive's share is 1/(N+1)).  Computed as ``logsumexp(a) - log(count) + log|D|``, returned
+    as a 0-dim float64 tensor on the scores' device (not read back: no wait for the device).
     """
     allv = torch.cat([pos.detach().reshape(-1), neg.detach().reshape(-1)]).double()
-    return float(torch.logsumexp(allv, dim=0) - math.log(allv.numel()) + math.log(dataset_size))
+    return torch.logsumexp(allv, dim=0) - math.log(allv.numel()) + math.log(dataset_size)
 
 
 # ----------------------------------------------------------------------------- vectors
@@ -165,8 +168,8 @@ def infonce(query: Tensor, positive: Tensor, negatives: Tensor, tau: float) -> T
     return infonce_from_logits(*scores(query, positive, negatives, tau))
 
 
-def nce_fixed_z(query: Tensor, positive: Tensor, negatives: Tensor, tau: float, log_z: float,
-                dataset_size: int) -> Tensor:
+def nce_fixed_z(query: Tensor, positive: Tensor, negatives: Tensor, tau: float,
+                log_z: float | Tensor, dataset_size: int) -> Tensor:
     """Binary NCE with P_noise = 1/|D| and a fixed normaliser Z (VISSL), per sample ``[B]``.
     Shapes as in :func:`nce`; ``log_z`` from :func:`estimate_log_z` on the first batch."""
     pos, neg = scores(query, positive, negatives, tau)
@@ -179,7 +182,7 @@ def estimate_log_z(query: Tensor, positive: Tensor, negatives: Tensor, tau: floa
     :func:`estimate_log_z_from_logits`).  Shapes as in :func:`nce`."""
     with torch.no_grad():
         pos, neg = scores(query, positive, negatives, tau)
-    return estimate_log_z_from_logits(pos, neg, dataset_size)
+    return float(estimate_log_z_from_logits(pos, neg, dataset_size))
 
 
 def pirl_objective(term_t: Tensor | None, term_img: Tensor, lam: float) -> Tensor:

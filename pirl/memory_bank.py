@@ -73,10 +73,12 @@ class MemoryBank(nn.Module):
           sample's positive, as in the paper.
         * ``shared`` -> Long ``[N]``: one draw for the whole batch, excluding every row of the
           batch, so no sample ever sees its own or a batch-mate's row as a negative.  Without
-          replacement when N is more than 5% of the rows left (small datasets, where repeats
-          would matter) and fits; otherwise with replacement, where the expected share of repeated
-          rows, N / (2 x rows left), is below 2.5% and a ``randperm`` of every row per step
-          is saved.
+          replacement when N is more than 5% of the |D| - B rows left (small datasets, where
+          repeats would matter) and fits; otherwise with replacement, where the expected share of
+          repeated rows, N / (2 x rows left), is below 2.5% and an O(|D|) draw per step is saved.
+
+        Neither mode reads anything back from the device (no data-dependent shapes), so a GPU
+        step never waits here.
         """
         if idx.dim() != 1:
             raise ValueError(f"idx must be Long [B]; got shape {tuple(idx.shape)}")
@@ -89,20 +91,43 @@ class MemoryBank(nn.Module):
                               device=dev)
             return r.add_(r >= idx.unsqueeze(1))  # in place: [B,N] is 65 MB at ImageNet scale
         if mode == "shared":
-            excluded = torch.unique(idx)  # sorted
-            free = self.size - excluded.numel()
-            if free < 1:
-                raise ValueError(f"shared negatives: the batch covers all {self.size} bank rows; "
-                                 "nothing is left to draw from")
-            if n <= free and 20 * n > free:
-                r = torch.randperm(free, generator=generator, device=dev)[:n]
-            else:
-                r = torch.randint(0, free, (n,), generator=generator, device=dev)
-            # r is the rank among the allowed rows; the k-th excluded row u_k has u_k - k allowed
-            # rows below it, so the answer is r + #{k : u_k - k <= r}.
-            offsets = excluded - torch.arange(excluded.numel(), device=dev)
-            return r + torch.searchsorted(offsets, r, right=True)
+            return self._shared_negatives(idx, n, generator)
         raise ValueError(f"objective.negatives={mode!r}: choose one of {list(NEGATIVE_MODES)}")
+
+    def _shared_negatives(self, idx: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+        """One draw of N rows for the whole batch ``idx`` Long ``[B]`` (repeats allowed in
+        ``idx``), none of them a batch row -> Long ``[N]``.
+
+        Only fixed shapes, so nothing waits for the device: how many distinct rows the batch has
+        stays a device scalar.  Whether to draw without replacement is decided from |D| - B, a
+        host-side lower bound of the rows left (exact when the batch has no repeats).
+        """
+        dev, b = self.rows.device, idx.shape[0]
+        if b >= self.size and torch.unique(idx).numel() >= self.size:  # shapes only, then exact
+            raise ValueError(f"shared negatives: the batch covers all {self.size} bank rows; "
+                             "nothing is left to draw from")
+        if b == 0:
+            return torch.randint(0, self.size, (n,), generator=generator, device=dev)
+        rest = self.size - b
+        if 0 < n <= rest and 20 * n > rest:
+            # Without replacement: a random key per row, the batch's rows pushed past every other
+            # key, and the N smallest keys; their order is the keys', so it is random too.
+            keys = torch.rand(self.size, generator=generator, device=dev)
+            keys.index_fill_(0, idx, 2.0)
+            return torch.topk(keys, n, largest=False).indices
+        srt = torch.sort(idx).values  # [B]
+        first = torch.ones(b, dtype=torch.bool, device=dev)
+        first[1:] = srt[1:] != srt[:-1]  # the first of each run of equal rows
+        below = torch.cumsum(first, 0) - 1  # [B]: distinct batch rows smaller than this one
+        free = self.size - below[-1] - 1  # device scalar: rows left to draw from
+        # r: a uniform rank among the allowed rows (float64: exact far beyond 100M rows).
+        u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+        r = torch.minimum((u * free).long(), free - 1)
+        # The k-th distinct excluded row u_k has u_k - k allowed rows below it, so the answer is
+        # r + #{k : u_k - k <= r}.  Repeats get |D| (above every r), which keeps the offsets
+        # sorted-able with a fixed shape and never counts them.
+        offsets = torch.where(first, srt - below, torch.full_like(srt, self.size))
+        return r + torch.searchsorted(torch.sort(offsets).values, r, right=True)
 
     @torch.no_grad()
     def update(self, idx: Tensor, z: Tensor, momentum: float) -> None:

@@ -104,6 +104,25 @@ def test_shared_negatives_exclude_batch_and_are_uniform() -> None:
     assert neg.shape == (200,) and neg.max() < 5000 and not torch.isin(neg, batch).any()
 
 
+def test_shared_negatives_with_replacement_skip_repeated_batch_rows_uniformly() -> None:
+    """The with-replacement path maps a uniform rank among the allowed rows to a row id with
+    fixed shapes; a batch that repeats rows (a padded last batch, the gathered batch of a DDP
+    rank) must neither be drawn nor shift the mapping onto a neighbour."""
+    size = 50
+    bank = MemoryBank(size, 4)
+    idx = torch.tensor([3, 3, 7, 49, 0, 7, 48])  # 5 distinct rows, two of them repeated
+    gen = torch.Generator().manual_seed(4)
+    neg = torch.cat([bank.negative_indices(idx, 2, "shared", gen) for _ in range(4000)])
+    counts = torch.bincount(neg, minlength=size)
+    excluded = [0, 3, 7, 48, 49]
+    assert counts[excluded].sum() == 0 and counts.numel() == size
+    allowed = counts[[i for i in range(size) if i not in excluded]].double()
+    expected = 8000 / 45
+    chi2 = float(((allowed - expected) ** 2 / expected).sum())
+    assert chi2 < 90, chi2  # 44 dof: the 99.9% quantile is about 78
+    assert allowed.min() > 0  # rows 1, 2, 47 (beside excluded ones) are reachable
+
+
 def test_bad_mode_and_too_many_negatives() -> None:
     bank = MemoryBank(5, 2)
     with pytest.raises(ValueError, match="objective.negatives"):

@@ -178,32 +178,53 @@ def test_state_from_a_different_dataset_size_is_refused() -> None:
         a.load_state_dict({"method": "jigsaw"})
 
 
-def _dist_worker(rank: int, world: int, folder: str) -> None:
+def _ragged_cfg(mode: str) -> Config:
+    cfg = _cfg("npid", mode=mode)
+    cfg.optim.batch_size = 8  # 4 per rank: rank 1's shorter batches are padded to 4
+    return cfg
+
+
+def _dist_worker(rank: int, world: int, folder: str, mode: str) -> None:
     torch.set_num_threads(1)  # forked child: stay out of the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank,
                             world_size=world)
     try:
         torch.manual_seed(100 + rank)
-        obj = build_objective(_cfg("npid"), SIZE, "cpu")
+        obj = build_objective(_ragged_cfg(mode), SIZE, "cpu")
         assert obj.bank is not None
+        seen = []
         for step in range(2):
             b = 4 if rank == 0 else 3 - step  # ragged: rank 1 "skipped" images
             idx = torch.arange(b) + 10 * rank + step
+            if rank == 1 and step == 1:
+                idx[0] = 1  # also in rank 0's batch: rank 1's embedding must win
             z = F.normalize(torch.randn(b, D), dim=1)
-            obj.loss({"z_img": z}, {"index": idx})
+            loss, _ = obj.loss({"z_img": z}, {"index": idx})
+            assert torch.isfinite(loss)
             obj.after_step({"z_img": z}, {"index": idx})
-        Path(folder, f"sum{rank}").write_text(repr(obj.bank.checksum()))
+            seen.append((idx, z))
+        torch.save(seen, Path(folder, f"seen{rank}.pt"))
+        torch.save(obj.bank.rows, Path(folder, f"rows{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_replicas_stay_identical_across_ranks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["per-sample", "shared"])
+def test_replicas_stay_identical_across_ranks(tmp_path: Path, mode: str) -> None:
     """Two gloo processes with different (and differently sized) batches end with the same bank,
-    and it is not the initial bank."""
+    and it is the bank one process gets by applying both ranks' (index, embedding) in rank order:
+    the padding that keeps the exchange a fixed size writes nothing of its own."""
     # fork, not spawn: a spawned child re-imports torch (seconds on this shared machine)
-    mp.start_processes(_dist_worker, args=(2, str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_dist_worker, args=(2, str(tmp_path), mode), nprocs=2, join=True,
                        start_method="fork")
-    sums = [float((tmp_path / f"sum{r}").read_text()) for r in range(2)]
-    init = build_objective(_cfg("npid"), SIZE, "cpu")
-    assert init.bank is not None
-    assert sums[0] == sums[1] != init.bank.checksum()
+    rows = [torch.load(tmp_path / f"rows{r}.pt", weights_only=True) for r in range(2)]
+    seen = [torch.load(tmp_path / f"seen{r}.pt", weights_only=True) for r in range(2)]
+    ref = build_objective(_ragged_cfg(mode), SIZE, "cpu").bank
+    assert ref is not None
+    init = ref.rows.clone()
+    for step in range(2):
+        ref.update(torch.cat([seen[0][step][0], seen[1][step][0]]),
+                   torch.cat([seen[0][step][1], seen[1][step][1]]),
+                   _ragged_cfg(mode).objective.bank_momentum)
+    assert torch.equal(rows[0], rows[1])
+    assert torch.equal(rows[0], ref.rows) and not torch.equal(rows[0], init)
