@@ -237,3 +237,18 @@ def test_last_occurrence_maps_every_position_to_its_values_last_position() -> No
     assert _last_occurrence(idx).tolist() == [5, 4, 5, 3, 4, 5]
     assert _last_occurrence(torch.tensor([7])).tolist() == [0]
     assert _last_occurrence(torch.tensor([2, 0, 1])).tolist() == [0, 1, 2]
+
+
+def test_chunked_init_draws_the_same_rows_as_one_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bank is initialised chunk by chunk (no float32 copy of a half bank); the rows must be
+    the ones a single randn(size, dim) gives, whatever the chunk, so seeds keep their meaning."""
+    import pirl.memory_bank as mb
+
+    for size, dim, chunk_values in ((1003, 24, 240), (1003, 24, 24000), (1003, 24, 1 << 24),
+                                    (997, 3, 50), (997, 3, 1000)):
+        gen = torch.Generator().manual_seed(7)
+        want = F.normalize(torch.randn(size, dim, generator=gen), dim=1)
+        monkeypatch.setattr(mb, "_INIT_CHUNK_VALUES", chunk_values)
+        assert torch.equal(MemoryBank(size, dim, seed=7).rows, want), (size, dim, chunk_values)
+        half = MemoryBank(size, dim, dtype=torch.float16, seed=7).rows
+        assert half.dtype == torch.float16 and torch.equal(half, want.half())
