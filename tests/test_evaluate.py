@@ -42,6 +42,28 @@ def test_knn_scores_match_hand_computation() -> None:
     torch.testing.assert_close(got_t1, want_t1, rtol=1e-5, atol=0)
 
 
+def test_knn_scores_in_blocks_of_training_rows_match_one_block() -> None:
+    """The training features are scored a block of rows at a time with a running top-k; any
+    block size (below k, not dividing N) and float16 storage give the one-block votes (up to
+    the matmul's float rounding), and the hand-computed case above holds with blocks of one."""
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(700, 16, generator=g)
+    labels = torch.randint(0, 5, (700,), generator=g)
+    q = torch.randn(90, 16, generator=g)
+    whole = knn_scores(train, labels, q, 5, k=50, bank_chunk=700)
+    for block, chunk in ((1, 1024), (7, 32), (49, 1024), (333, 17)):
+        got = knn_scores(train, labels, q, 5, k=50, chunk_size=chunk, bank_chunk=block)
+        torch.testing.assert_close(got, whole, rtol=1e-5, atol=0)
+    half = knn_scores(train.half(), labels, q, 5, k=50, bank_chunk=64)
+    assert torch.equal(half.argmax(1), knn_scores(train.half().float(), labels, q, 5, k=50,
+                                                  bank_chunk=700).argmax(1))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, 0.0]])
+    one = knn_scores(x, torch.tensor([0, 1, 1, 0]), torch.tensor([[2.0, 1.0]]), 2, k=2, tau=0.07,
+                     bank_chunk=1)
+    want = torch.tensor([[math.exp(2 / math.sqrt(5) / 0.07), math.exp(3 / math.sqrt(10) / 0.07)]])
+    torch.testing.assert_close(one, want, rtol=1e-5, atol=0)
+
+
 def test_knn_vote_can_overrule_the_nearest_neighbour() -> None:
     # The nearest neighbour is class 0, but two slightly farther class-1 points outvote it when
     # k = 3 (weights e^(s/tau) with tau = 1 are nearly equal), not when k = 1.
