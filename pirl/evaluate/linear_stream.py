@@ -47,9 +47,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, Subset
-from tqdm import tqdm
 
 from pirl.config import ViewConfig
+from pirl.console import Progress
 from pirl.data.datasets import collate_views
 from pirl.data.sampler import usable_workers
 from pirl.data.source import ImageSource
@@ -198,9 +198,9 @@ def feature_stats(trunk: nn.Module, train: ImageSource, view: View, dims: dict[s
     stages = list(dims)
     sums = {s: torch.zeros(2, d, dtype=torch.float64, device=device) for s, d in dims.items()}
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in tqdm(_loader(train, view, settings, indices=[chosen[i] for i in
-                                                               shard(len(chosen))]),
-                      desc="stream stats", disable=settings.quiet, leave=False):
+    for batch in Progress(_loader(train, view, settings, indices=[chosen[i] for i in
+                                                                   shard(len(chosen))]),
+                          desc="stream stats", unit="batch", disable=settings.quiet):
         if "index" not in batch:
             continue
         feats = pooled_batch(trunk, normalize(batch["image"].to(device)), stages, bf16)
@@ -244,7 +244,7 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoade
     _, world = _world()
     totals = torch.zeros(len(stages), dtype=torch.float64, device=device)
     seen = 0
-    for batch in tqdm(loader, desc=desc, disable=settings.quiet, leave=False):
+    for batch in Progress(loader, desc=desc, unit="batch", disable=settings.quiet):
         if "index" in batch:
             x = normalize(batch["image"].to(device, non_blocking=True))
             feats = pooled_batch(trunk, x, stages, bf16)
@@ -285,8 +285,8 @@ def _evaluate(heads: nn.Module, trunk: nn.Module, val: ImageSource, view: View,
     hits = torch.zeros(len(stages), 2, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     heads.eval()
-    for batch in tqdm(_loader(val, view, settings, indices=shard(len(val))),
-                      desc="stream val", disable=settings.quiet, leave=False):
+    for batch in Progress(_loader(val, view, settings, indices=shard(len(val))),
+                          desc="stream val", unit="batch", disable=settings.quiet):
         if "index" not in batch:
             continue
         y = batch["label"].long().to(device)

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from pirl.checkpoint import atomic_save, rng_state, safe_load, set_rng_state
 from pirl.config import ConfigError
+from pirl.console import Progress
 from pirl.data.source import BadImageError, UnreadableDataError
 from pirl.data.voc import VOCSource
 from pirl.distributed import DistEnv, is_distributed
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CKPT = "detection_ckpt.pt"
 CKPT_PREV = "detection_ckpt.prev.pt"
 FORMAT = "pirl-detection"
+_SHOW_EVERY = 20  # iterations between loss readouts on the progress display
 
 
 class DivergedError(RuntimeError):
@@ -226,8 +227,9 @@ def train_detector(model: nn.Module, source: VOCSource, schedule: Schedule,
         # which the uninterrupted run did before its first iteration, not at this one.
         set_rng_state(ckpt["rng"])
     model.train()
-    bar = tqdm(total=schedule.iterations, initial=start, desc="detection fine-tune",
-               disable=loop.quiet or not env.is_main, leave=False)
+    bar: Progress[None] = Progress(total=schedule.iterations, initial=start,
+                                   desc="detection fine-tune", unit="iter",
+                                   disable=loop.quiet or not env.is_main)
     terms: dict[str, float] = {}
     skipped = 0
     it = start
@@ -259,8 +261,9 @@ def train_detector(model: nn.Module, source: VOCSource, schedule: Schedule,
         final_loss = value
         terms = {k: float(v.detach()) for k, v in losses.items()}
         bar.update(1)
-        bar.set_postfix(loss=f"{value:.3f}", lr=f"{schedule.lr_at(it):.2e}")
         done = it + 1
+        if done % _SHOW_EVERY == 0 or done == schedule.iterations:  # a log line each off a tty
+            bar.set_postfix({"loss": f"{value:.3f}", "lr": f"{schedule.lr_at(it):.2e}"})
         if done % loop.checkpoint_every == 0 or done == schedule.iterations:
             if env.is_main:
                 _save(out, model, opt, done, settings_key, final_loss)
@@ -287,8 +290,8 @@ def predict(model: nn.Module, source: VOCSource, loop: LoopSettings
                         num_workers=loop.workers, collate_fn=list)
     model.eval()
     found: dict[int, dict[str, Tensor] | None] = {}
-    for batch in tqdm(loader, desc="detection test", disable=loop.quiet or not loop.env.is_main,
-                      leave=False):
+    for batch in Progress(loader, desc="detection test", unit="batch",
+                          disable=loop.quiet or not loop.env.is_main):
         good = [(k, item) for k, item in batch if item is not None]
         for k, item in batch:
             if item is None:
