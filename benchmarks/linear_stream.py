@@ -9,8 +9,8 @@ own high-water mark (``os.wait4``).  Prints a markdown table and writes
 ``<out>/linear_stream.json``.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/linear_stream.py \\
-        --train-tar ../shared/data/imagenette-96/train.tar \\
-        --val-data ../shared/data/imagenette-96/val.tar
+        --train-tar $PIRL_DATA/imagenette-96/train.tar \\
+        --val-data $PIRL_DATA/imagenette-96/val.tar
 """
 
 from __future__ import annotations
