@@ -133,9 +133,9 @@ def plot(spec: SweepSpec, rows: list[Row], path: Path) -> Path:
                 continue
             x = _xs(spec, [v.label for v in s.values], [r.value for r in mine])
             st = [r.metrics[metric] for r in mine]
+            name_part = f"{s.label}: " if s.label else ""
             ax.plot(x, [t.mean for t in st], "o-", color=f"C{i % 10}",
-                    label=f"{s.label or 'mean'} (mean of {max(len(t.values) for t in st)} "
-                    "seeds)")
+                    label=f"{name_part}mean of {max(len(t.values) for t in st)} seed(s)")
             ax.fill_between(x, [min(t.values) for t in st], [max(t.values) for t in st],
                             color=f"C{i % 10}", alpha=0.2, linewidth=0)
         if metric == "linear_top1" and source and source.points:
@@ -177,7 +177,7 @@ def write_summary(spec: SweepSpec, seeds: tuple[int, ...], out: Path,
     if command:
         head += ["    " + command, ""]
     head += [f"{done} of {total} cells finished; mean ± sample std over seeds "
-             f"({', '.join(map(str, seeds))}).", ""]
+             f"({', '.join(map(str, seeds))}).", "", ""]
     md = out / "summary.md"
     md.write_text("\n".join(head) + text + "\n")
     png = plot(spec, rows, out / "summary.png")
