@@ -117,8 +117,8 @@ def _xs(spec: SweepSpec, all_labels: list[str], labels: list[str]) -> list[float
 
 
 def plot(spec: SweepSpec, rows: list[Row], path: Path) -> Path:
-    """kNN and linear top-1 against the swept value: mean over seeds, min-max band; the paper's
-    points on the linear panel's right axis."""
+    """kNN and linear top-1 against the swept value: mean over seeds, min-max band (error bars
+    for named values); the paper's points on the linear panel's right axis."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -134,10 +134,16 @@ def plot(spec: SweepSpec, rows: list[Row], path: Path) -> Path:
             x = _xs(spec, [v.label for v in s.values], [r.value for r in mine])
             st = [r.metrics[metric] for r in mine]
             name_part = f"{s.label}: " if s.label else ""
-            ax.plot(x, [t.mean for t in st], "o-", color=f"C{i % 10}",
-                    label=f"{name_part}mean of {max(len(t.values) for t in st)} seed(s)")
-            ax.fill_between(x, [min(t.values) for t in st], [max(t.values) for t in st],
-                            color=f"C{i % 10}", alpha=0.2, linewidth=0)
+            label = f"{name_part}mean of {max(len(t.values) for t in st)} seed(s)"
+            mean, lo, hi = ([t.mean for t in st], [min(t.values) for t in st],
+                            [max(t.values) for t in st])
+            if spec.categorical:  # named values: no line between them, min-max as error bars
+                ax.errorbar(x, mean, yerr=[[m - a for m, a in zip(mean, lo, strict=True)],
+                                           [b - m for m, b in zip(mean, hi, strict=True)]],
+                            fmt="o", capsize=4, color=f"C{i % 10}", label=label)
+            else:
+                ax.plot(x, mean, "o-", color=f"C{i % 10}", label=label)
+                ax.fill_between(x, lo, hi, color=f"C{i % 10}", alpha=0.2, linewidth=0)
         if metric == "linear_top1" and source and source.points:
             twin = ax.twinx()
             for s in spec.series:
@@ -145,7 +151,8 @@ def plot(spec: SweepSpec, rows: list[Row], path: Path) -> Path:
                 labels = [v.label for v in s.values if v.label in pts]
                 if labels:
                     xs = _xs(spec, [v.label for v in s.values], labels)
-                    twin.plot(xs, [pts[lb] for lb in labels], "k*--", markersize=10,
+                    twin.plot(xs, [pts[lb] for lb in labels],
+                              "k*" if spec.categorical else "k*--", markersize=10,
                               label=f"paper, {s.label}")
             twin.set_ylabel(f"paper ({source.source})", fontsize=8)
             twin.legend(loc="lower right", fontsize=8)
@@ -159,7 +166,7 @@ def plot(spec: SweepSpec, rows: list[Row], path: Path) -> Path:
         ax.set_ylabel(f"{name} (%)")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
-    fig.suptitle(f"{spec.title or spec.name}: mean over seeds, band = min-max")
+    fig.suptitle(f"{spec.title or spec.name}: mean over seeds, min-max range over seeds")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
