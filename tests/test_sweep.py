@@ -146,7 +146,7 @@ def test_named_values_table_and_plot_carry_the_papers_numbers(tmp_path: Path) ->
     spec = SWEEPS["table5-pretexts"]
     seeds = (0, 1, 2)
     knn = {c.folder: 10.0 + 3 * c.vi + 0.5 * c.seed for c in plan_cells(spec, seeds)}
-    for cell in plan_cells(spec, seeds)[:-1]:  # the last cell (npid, seed 2) is not finished
+    for cell in plan_cells(spec, seeds)[:-1]:  # the last cell (NPID, seed 2) is not finished
         sweep_run.write_json_atomic({"seed": cell.seed, "knn_top1": knn[cell.folder],
                                      "linear_top1": 2 * knn[cell.folder]},
                                     tmp_path / cell.folder / "result.json")
@@ -154,8 +154,8 @@ def test_named_values_table_and_plot_carry_the_papers_numbers(tmp_path: Path) ->
     assert png.stat().st_size > 0 and "11 of 12 cells finished" in md.read_text()
     rows = _parse_table(text)
     assert [(r[1], r[2], r[5]) for r in rows] == [
-        ("jigsaw", "3", "62.2"), ("rotation", "3", "60.2"), ("jigsaw+rotation", "3", "63.1"),
-        ("npid", "2", "-")]
-    # npid: seeds 0 and 1 -> knn 19.0 and 19.5: mean 19.25, std sqrt(2 * 0.25^2 / 1)
+        ("PIRL-Jigsaw", "3", "62.2"), ("PIRL-Rotation", "3", "60.2"),
+        ("PIRL-Jigsaw+Rotation", "3", "63.1"), ("NPID", "2", "-")]
+    # NPID: seeds 0 and 1 -> knn 19.0 and 19.5: mean 19.25, std sqrt(2 * 0.25^2 / 1)
     assert rows[3][3] == f"19.25 ± {math.sqrt(2 * 0.25 ** 2):.2f}"
     assert rows[0][4] == "21.00 ± 1.00"  # linear 20, 21, 22

@@ -197,7 +197,8 @@ def run_sweep(spec: SweepSpec, seeds: tuple[int, ...], scale: Scale, data: Sweep
     check_cells(spec, cells, scale, data)
     if not gpus:
         return run_cells(spec, cells, scale, data, out, protocol, device)
-    pending, skipped = [], []
+    pending: list[Cell] = []
+    skipped: list[Cell] = []
     for cell in cells:
         done = finished_result(spec, cell, cell_config(spec, cell, scale), data, protocol, out)
         (skipped if done is not None else pending).append(cell)

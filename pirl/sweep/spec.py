@@ -105,11 +105,11 @@ SWEEPS: dict[str, SweepSpec] = {
     "table5-pretexts": SweepSpec(
         name="table5-pretexts", title="Table 5: pretext tasks", paper="table5", categorical=True,
         series=(Series("PIRL", "pretext", (
-            Value("jigsaw", ("objective.method=pirl", "objective.pretext=jigsaw")),
-            Value("rotation", ("objective.method=pirl", "objective.pretext=rotation")),
-            Value("jigsaw+rotation", ("objective.method=pirl",
-                                      "objective.pretext=jigsaw+rotation")),
-            Value("npid", ("objective.method=npid",)))),)),
+            Value("PIRL-Jigsaw", ("objective.method=pirl", "objective.pretext=jigsaw")),
+            Value("PIRL-Rotation", ("objective.method=pirl", "objective.pretext=rotation")),
+            Value("PIRL-Jigsaw+Rotation", ("objective.method=pirl",
+                                           "objective.pretext=jigsaw+rotation")),
+            Value("NPID", ("objective.method=npid",)))),)),
 }
 
 
