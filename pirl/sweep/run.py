@@ -179,20 +179,23 @@ def run_cells(spec: SweepSpec, cells: list[Cell], scale: Scale, data: SweepData,
 
 
 def _gpu_worker(gpu: int, spec: SweepSpec, cells: list[Cell], scale: Scale, data: SweepData,
-                out: str, protocol: TrunkEval, threads: int) -> None:
+                out: str, protocol: TrunkEval, threads: int, device: str) -> None:
     """One GPU's process: sees only that GPU, runs its cells in order."""
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before the first CUDA call of this process
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s gpu{gpu}: %(message)s")
-    run_cells(spec, cells, scale, data, Path(out), protocol, "cuda")
+    run_cells(spec, cells, scale, data, Path(out), protocol, device)
 
 
 def run_sweep(spec: SweepSpec, seeds: tuple[int, ...], scale: Scale, data: SweepData,
               out: Path, protocol: TrunkEval = TrunkEval(), device: str = "cpu",
-              gpus: list[int] | None = None, threads: int = 1) -> SweepOutcome:
+              gpus: list[int] | None = None, threads: int = 1,
+              worker_device: str = "cuda") -> SweepOutcome:
     """Every cell of ``spec`` x ``seeds`` into ``out``: on ``device`` one after the other, or
-    dealt round-robin to one worker process per GPU of ``gpus``.  Cells already finished are
-    skipped; the caller writes the summary (:func:`pirl.sweep.report.write_summary`)."""
+    dealt round-robin to one worker process per GPU of ``gpus``, each running on
+    ``worker_device`` with only its GPU visible (``"cpu"`` exercises the spreading on a machine
+    without GPUs).  Cells already finished are skipped; the caller writes the summary
+    (:func:`pirl.sweep.report.write_summary`)."""
     cells = plan_cells(spec, seeds)
     check_cells(spec, cells, scale, data)
     if not gpus:
@@ -207,7 +210,7 @@ def run_sweep(spec: SweepSpec, seeds: tuple[int, ...], scale: Scale, data: Sweep
     for gpu, share in zip(gpus, assign_round_robin(pending, len(gpus)), strict=True):
         if share:
             p = ctx.Process(target=_gpu_worker, args=(gpu, spec, share, scale, data, str(out),
-                                                      protocol, threads))
+                                                      protocol, threads, worker_device))
             p.start()
             procs.append((gpu, p))
     failed = []
