@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from pirl.errors import ConfigError
 from pirl.evaluate.standard import TrunkEval
 from pirl.sweep import SWEEPS, Cell, Scale
 from pirl.sweep import run as sweep_run
+from pirl.sweep.cli import SPEC_FILE, spec_from_dict
 from pirl.sweep.report import PAPER, write_summary
 from pirl.sweep.spec import assign_round_robin, cell_config, custom_spec, parse_seeds, plan_cells
 
@@ -74,9 +76,9 @@ def test_tiny_sweep_resumes_and_its_table_is_the_json(tiny_imagetar: Path, tmp_p
     md, png, text = write_summary(spec, seeds, out)
     assert png.is_file() and png.stat().st_size > 0 and text in md.read_text()
     rows = _parse_table(text)
-    assert [r[1] for r in rows] == ["0", "1"] and all(r[2] == "2" for r in rows)
+    assert [r[0] for r in rows] == ["0", "1"] and all(r[1] == "2" for r in rows)
     for row, lam in zip(rows, ("0", "1"), strict=True):
-        for col, key in ((3, "knn_top1"), (4, "linear_top1")):
+        for col, key in ((2, "knn_top1"), (3, "linear_top1")):
             a, b = (results[f"objective.lam={lam}/seed{s}"][key] for s in seeds)
             mean = (a + b) / 2
             std = math.sqrt(((a - mean) ** 2 + (b - mean) ** 2) / (2 - 1))
@@ -153,9 +155,34 @@ def test_named_values_table_and_plot_carry_the_papers_numbers(tmp_path: Path) ->
     md, png, text = write_summary(spec, seeds, tmp_path)
     assert png.stat().st_size > 0 and "11 of 12 cells finished" in md.read_text()
     rows = _parse_table(text)
-    assert [(r[1], r[2], r[5]) for r in rows] == [
+    assert [(r[0], r[1], r[4]) for r in rows] == [
         ("PIRL-Jigsaw", "3", "62.2"), ("PIRL-Rotation", "3", "60.2"),
         ("PIRL-Jigsaw+Rotation", "3", "63.1"), ("NPID", "2", "-")]
     # NPID: seeds 0 and 1 -> knn 19.0 and 19.5: mean 19.25, std sqrt(2 * 0.25^2 / 1)
-    assert rows[3][3] == f"19.25 ± {math.sqrt(2 * 0.25 ** 2):.2f}"
-    assert rows[0][4] == "21.00 ± 1.00"  # linear 20, 21, 22
+    assert rows[3][2] == f"19.25 ± {math.sqrt(2 * 0.25 ** 2):.2f}"
+    assert rows[0][3] == "21.00 ± 1.00"  # linear 20, 21, 22
+
+
+def test_two_keys_give_one_line_each_and_the_summary_can_be_redrawn(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--vary twice: the second key's values are series (a column of the table); sweep.json
+    holds the spec, and --summary-only redraws the table from the cells' JSON alone."""
+    spec = custom_spec(["objective.lam=0,0.5", "objective.pretext=jigsaw,rotation"])
+    assert [s.label for s in spec.series] == ["objective.pretext=jigsaw",
+                                              "objective.pretext=rotation"]
+    cells = plan_cells(spec, (0,))
+    assert cell_config(spec, cells[3], Scale()).objective.pretext == "rotation"
+    assert cell_config(spec, cells[3], Scale()).objective.lam == 0.5
+    for k, cell in enumerate(cells):
+        sweep_run.write_json_atomic({"seed": 0, "knn_top1": float(k), "linear_top1": 1.5 * k},
+                                    tmp_path / cell.folder / "result.json")
+    for s in SWEEPS.values():
+        assert spec_from_dict(json.loads(json.dumps(asdict(s)))) == s
+    (tmp_path / SPEC_FILE).write_text(json.dumps({"spec": asdict(spec), "seeds": [0]}))
+    assert main(["sweep", "--summary-only", "--out", str(tmp_path)]) == 0
+    rows = _parse_table(capsys.readouterr().out.split("\n\nwrote")[0])
+    assert [r[:3] for r in rows] == [["objective.pretext=jigsaw", "0", "1"],
+                                     ["objective.pretext=jigsaw", "0.5", "1"],
+                                     ["objective.pretext=rotation", "0", "1"],
+                                     ["objective.pretext=rotation", "0.5", "1"]]
+    assert [r[4] for r in rows] == ["0.00 ± 0.00", "1.50 ± 0.00", "3.00 ± 0.00", "4.50 ± 0.00"]

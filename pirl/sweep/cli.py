@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -155,7 +156,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Run (or resume, list, summarise) a sweep; see the module doc."""
     from pirl.sweep.report import write_summary
 
-    command = "pirl sweep " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+    # recorded in summary.md when run from the shell (not when main() is called with a list)
+    argv = sys.argv[1:]
+    command = "pirl " + shlex.join(argv) if argv[:1] == ["sweep"] else ""
     if args.summary_only:
         if not args.out:
             raise ConfigError("--summary-only needs --out, the sweep's folder")

@@ -24,7 +24,8 @@ METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"))
 
 @dataclass(frozen=True)
 class PaperPoints:
-    """The paper's numbers for one figure: series label -> x label -> top-1 (%)."""
+    """The paper's numbers for one figure: series label (the spec's, "" for a sweep of one
+    series) -> x label -> top-1 (%)."""
 
     source: str
     points: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -35,8 +36,8 @@ class PaperPoints:
 # them as {"PIRL": {"0.5": 62.2, ...}} to draw them).
 PAPER: dict[str, PaperPoints] = {
     "table5": PaperPoints("Table 5: ResNet-50, 400 epochs, ImageNet linear top-1",
-                          {"PIRL": {"PIRL-Rotation": 60.2, "PIRL-Jigsaw": 62.2,
-                                    "PIRL-Jigsaw+Rotation": 63.1}}),
+                          {"": {"PIRL-Rotation": 60.2, "PIRL-Jigsaw": 62.2,
+                                "PIRL-Jigsaw+Rotation": 63.1}}),
     "fig6": PaperPoints("Fig. 6 (lambda): points not transcribed"),
     "fig7": PaperPoints("Fig. 7 (|T|): points not transcribed"),
     "fig8": PaperPoints("Fig. 8 (N): points not transcribed"),
@@ -95,13 +96,14 @@ def collect(spec: SweepSpec, seeds: tuple[int, ...], out: Path) -> list[Row]:
 def table(spec: SweepSpec, rows: list[Row]) -> str:
     """The markdown table: mean ± std over seeds; the paper's number where it has one."""
     key = spec.series[0].key if len({s.key for s in spec.series}) == 1 else "value"
-    headers = ["series", key, "seeds", *(name for _, name in METRICS)]
+    one = len(spec.series) == 1  # no series column for a single line
+    headers = [*([] if one else ["series"]), key, "seeds", *(name for _, name in METRICS)]
     with_paper = any(r.paper is not None for r in rows)
     if with_paper:
         headers.append("paper")
     lines = []
     for r in rows:
-        line: list[object] = [r.series or "-", r.value, len(r.seeds),
+        line: list[object] = [*([] if one else [r.series]), r.value, len(r.seeds),
                               *(r.metrics[k].text() for k, _ in METRICS)]
         if with_paper:
             line.append("-" if r.paper is None else f"{r.paper:.1f}")
@@ -154,7 +156,7 @@ def plot(spec: SweepSpec, rows: list[Row], path: Path) -> Path:
                     xs = _xs(spec, [v.label for v in s.values], labels)
                     twin.plot(xs, [pts[lb] for lb in labels],
                               "k*" if spec.categorical else "k*--", markersize=10,
-                              label=f"paper, {s.label}")
+                              label=f"paper, {s.label}" if s.label else "paper")
             twin.set_ylabel(f"paper ({source.source})", fontsize=8)
             twin.legend(loc="lower right", fontsize=8)
         if spec.log_x:

@@ -104,7 +104,7 @@ SWEEPS: dict[str, SweepSpec] = {
         overrides=("objective.method=pirl", "objective.pretext=jigsaw")),
     "table5-pretexts": SweepSpec(
         name="table5-pretexts", title="Table 5: pretext tasks", paper="table5", categorical=True,
-        series=(Series("PIRL", "pretext", (
+        series=(Series("", "pretext", (
             Value("PIRL-Jigsaw", ("objective.method=pirl", "objective.pretext=jigsaw")),
             Value("PIRL-Rotation", ("objective.method=pirl", "objective.pretext=rotation")),
             Value("PIRL-Jigsaw+Rotation", ("objective.method=pirl",
