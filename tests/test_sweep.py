@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from pirl import config as C
 from pirl.cli import main
 from pirl.data.subset import prepare_data
 from pirl.errors import ConfigError
@@ -186,3 +187,34 @@ def test_two_keys_give_one_line_each_and_the_summary_can_be_redrawn(
                                      ["objective.pretext=rotation", "0", "1"],
                                      ["objective.pretext=rotation", "0.5", "1"]]
     assert [r[4] for r in rows] == ["0.00 ± 0.00", "1.50 ± 0.00", "3.00 ± 0.00", "4.50 ± 0.00"]
+
+
+def test_a_cell_at_the_default_scale_is_the_quality_benchmarks_run() -> None:
+    """fig6-lambda at lambda 0.5, seed 0, default scale trains exactly the quality benchmark's
+    `pirl` row (same config), and the evaluation defaults are the benchmark's."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec_ = importlib.util.spec_from_file_location("quality_for_sweep", path)
+    assert spec_ is not None and spec_.loader is not None
+    quality = importlib.util.module_from_spec(spec_)
+    sys.modules["quality_for_sweep"] = quality
+    spec_.loader.exec_module(quality)
+    bench = quality.method_config("pirl", quality.DEFAULT_PRESET, [], None, None)
+    bench.train.seed, bench.train.workers = 0, 1
+    lam = SWEEPS["fig6-lambda"]
+    cell = next(c for c in plan_cells(lam, (0,)) if lam.series[0].values[c.vi].label == "0.5")
+    assert C.to_dict(cell_config(lam, cell, Scale())) == C.to_dict(bench)
+    args = quality.build_parser().parse_args([])
+    assert (args.knn_k, args.linear_epochs, args.aug_copies) == (200, 30, 2)
+    assert TrunkEval() == TrunkEval(args.knn_k, args.linear_epochs, args.aug_copies)
+    from pirl.cli import build_parser
+
+    sweep_args = build_parser().parse_args(["sweep", "fig6-lambda"])
+    assert (sweep_args.subset, sweep_args.val_subset) == (quality.DEFAULT_SUBSET,
+                                                          quality.DEFAULT_VAL_SUBSET)
+    assert (sweep_args.knn_k, sweep_args.linear_epochs, sweep_args.aug_copies,
+            sweep_args.threads, sweep_args.workers) == (args.knn_k, args.linear_epochs,
+                                                        args.aug_copies, args.threads,
+                                                        args.workers)
