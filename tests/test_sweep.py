@@ -91,6 +91,11 @@ def test_tiny_sweep_resumes_and_its_table_is_the_json(tiny_imagetar: Path, tmp_p
         sweep_run.run_sweep(spec, seeds, Scale(**{**SCALE.__dict__, "epochs": 3}), data, out,
                             PROTOCOL)
     assert calls == []
+    # Every cell is fitted to the data before any training: N = |D| = 20 fails at once.
+    bad = custom_spec(["objective.num_negatives=19,20"])
+    with pytest.raises(ConfigError, match=r"objective.num_negatives=20/seed0: .*below"):
+        sweep_run.run_sweep(bad, seeds, SCALE, data, tmp_path / "bad", PROTOCOL)
+    assert calls == [] and not (tmp_path / "bad").exists()
 
 
 def test_cells_are_dealt_round_robin_to_the_gpus() -> None:
