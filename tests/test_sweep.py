@@ -58,6 +58,15 @@ def test_tiny_sweep_resumes_and_its_table_is_the_json(tiny_imagetar: Path, tmp_p
     assert not (out / cells[2] / "result.json").exists()
     assert (out / cells[2] / "run" / "checkpoint.pt").is_file()
     before = {c: (out / c / "result.json").read_text() for c in cells[:2]}
+    # The half-trained cell resumes only under its own config (workers may differ).
+    third = plan_cells(spec, seeds)[2]
+    sweep_run.check_half_trained(cell_config(spec, third, Scale(**{**SCALE.__dict__,
+                                                                   "workers": 1})),
+                                 data, out / cells[2] / "run")
+    with pytest.raises(ConfigError, match=r"another config \(optim.epochs differ"):
+        sweep_run.check_half_trained(cell_config(spec, third, Scale(**{**SCALE.__dict__,
+                                                                       "epochs": 3})),
+                                     data, out / cells[2] / "run")
 
     calls.clear()
     monkeypatch.setattr(sweep_run, "pretrain", lambda *a, **kw: calls.append(

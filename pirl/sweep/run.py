@@ -80,14 +80,40 @@ def write_json_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _comparable(cfg: C.Config | dict[str, Any]) -> dict[str, Any]:
+    """A config as JSON, less what does not change a run's result (its DataLoader workers: the
+    views are a function of seed, epoch and index), so a rerun may use other workers."""
+    d = _jsonable(C.to_dict(cfg) if isinstance(cfg, C.Config) else cfg)
+    d.get("train", {}).pop("workers", None)
+    return d
+
+
 def _identity(spec: SweepSpec, cell: Cell, cfg: C.Config, data: SweepData,
               protocol: TrunkEval) -> dict[str, Any]:
     """What a finished cell's result must match to be reused."""
     s, v = spec.series[cell.si], spec.series[cell.si].values[cell.vi]
     return _jsonable({"series": s.label, "key": s.key, "value": v.label,
                       "overrides": list(v.overrides), "seed": cell.seed,
-                      "config": C.to_dict(cfg), "train_data": data.train,
+                      "config": _comparable(cfg), "train_data": data.train,
                       "val_data": data.val, "protocol": asdict(protocol)})
+
+
+def check_half_trained(cfg: C.Config, data: SweepData, run_dir: Path) -> None:
+    """A run folder left by a stopped cell must hold this cell's config (after fitting it to the
+    data, as pretraining does) before it is resumed: resuming with, say, other epochs would mix
+    two schedules in one trunk."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    fitted = copy_config(cfg)
+    source = open_source(data.train)
+    fit_to_dataset(fitted, len(source), source, data.train)
+    saved = _comparable(C.load_yaml(saved_path))
+    differ = sorted(f"{sec}.{k}" for sec, fields in _comparable(fitted).items()
+                    for k, v in fields.items() if saved.get(sec, {}).get(k) != v)
+    if differ:
+        raise ConfigError(f"{saved_path}: a stopped run of another config ({', '.join(differ)} "
+                          "differ); use another --out or delete that cell's folder")
 
 
 def read_result(path: Path) -> dict[str, Any]:
@@ -124,6 +150,7 @@ def run_cell(spec: SweepSpec, cell: Cell, scale: Scale, data: SweepData, out: Pa
     stays; a rerun resumes it)."""
     cfg = cell_config(spec, cell, scale)
     cell_dir = out / cell.folder
+    check_half_trained(cfg, data, cell_dir / "run")
     t0, c0 = time.perf_counter(), time.process_time()
     result = pretrain(copy_config(cfg), data.train, cell_dir / "run", device=device)
     if result.stopped:
