@@ -19,7 +19,7 @@ import json
 import logging
 import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,8 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="augmented copies of the training split the probe cycles through")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per cell")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (one device, in turn)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda[:i]: every cell on it in turn (default: a GPU if any)")
     p.add_argument("--gpus", default=None, metavar="all|0,1",
                    help="spread the cells over these GPUs, one worker process each")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/sweeps/<name>)")
@@ -104,7 +105,7 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     if args.values:
         spec = with_values(spec, parse_list(args.values, "--values"))
     if args.preset:
-        spec = SweepSpec(**{**spec.__dict__, "preset": args.preset})
+        spec = replace(spec, preset=args.preset)
     return spec
 
 
@@ -197,8 +198,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        outcome = run_sweep(spec, seeds, scale, data, out, protocol, device=args.device,
+        outcome = run_sweep(spec, seeds, scale, data, out, protocol, device=device,
                             gpus=gpus, threads=args.threads)
     finally:  # also after a failure or Ctrl-C: the summary of what is finished
         md, png, text = write_summary(spec, seeds, out, command)

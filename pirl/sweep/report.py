@@ -10,6 +10,7 @@ with a CPU-scale sweep, not their level.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,6 @@ class Row:
 
 def collect(spec: SweepSpec, seeds: tuple[int, ...], out: Path) -> list[Row]:
     """One row per (series, value), in the spec's order, from the result.json files present."""
-    import json
-
     found: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for cell in plan_cells(spec, seeds):
         path = out / cell.folder / RESULT

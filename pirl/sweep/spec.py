@@ -201,7 +201,7 @@ def assign_round_robin(cells: list[Cell], n_workers: int) -> list[list[Cell]]:
 @dataclass(frozen=True)
 class Scale:
     """How big each cell's run is, on top of the spec: the user's ``--set`` overrides (applied
-    after the spec's and the series', before the swept values, so the sweep always wins),
+    after the sweep's own, before the series' and the swept values, so the sweep always wins),
     ``--epochs`` / ``--batch-size`` (None: the preset's) and the DataLoader workers."""
 
     overrides: tuple[str, ...] = ()
