@@ -57,7 +57,7 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="a swept key and its values (once or twice: the second key's values "
                    "become separate lines)")
     p.add_argument("--values", default=None, metavar="v1,v2",
-                   help="replace a preset's values of the swept key")
+                   help="replace a preset's values of the swept key (of every series)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--preset", default=None, choices=PRESETS,
                    help="config preset every cell starts from (default: the sweep's, "
@@ -166,8 +166,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if not (out / SPEC_FILE).is_file():
             raise FileNotFoundError(f"{out / SPEC_FILE}: not a sweep folder")
-        saved = json.loads((out / SPEC_FILE).read_text())
-        spec, seeds = spec_from_dict(saved["spec"]), tuple(saved["seeds"])
+        try:
+            saved = json.loads((out / SPEC_FILE).read_text())
+            spec, seeds = spec_from_dict(saved["spec"]), tuple(saved["seeds"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{out / SPEC_FILE}: not a sweep record ({e!r})") from None
         md, png, text = write_summary(spec, seeds, out, saved.get("command", ""))
         print(text + f"\n\nwrote {md} and {png}")
         return 0
@@ -187,11 +190,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     protocol = TrunkEval(knn_k=args.knn_k, linear_epochs=args.linear_epochs,
                          aug_copies=args.aug_copies)
     gpus = _gpus(args.gpus)
-    out.mkdir(parents=True, exist_ok=True)
-    from pirl.sweep.run import SweepData, run_sweep
+    from pirl.sweep.run import SweepData, check_cells, run_sweep
 
     train, val = _data_paths(args, out)
     data = SweepData(train, val)
+    check_cells(spec, cells, scale, data)  # fitted to the data: before sweep.json is written
+    out.mkdir(parents=True, exist_ok=True)
     (out / SPEC_FILE).write_text(json.dumps(
         {"spec": asdict(spec), "seeds": list(seeds), "scale": asdict(scale),
          "data": asdict(data), "protocol": asdict(protocol), "command": command}, indent=2))
