@@ -24,13 +24,10 @@ process CPU time of the main process is recorded beside them in the JSON.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import os
 import shutil
 import sys
-import tarfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,13 +41,12 @@ if str(REPO) not in sys.path:  # run as a script from a checkout: import the pac
 
 from pirl import config as C  # noqa: E402
 from pirl.bench import add_data_root_argument, data_root  # noqa: E402
-from pirl.data.datasets import TarSource, open_source  # noqa: E402
-from pirl.data.source import ImageSource  # noqa: E402
+from pirl.data.datasets import open_source  # noqa: E402
+from pirl.data.subset import prepare_data, write_subset  # noqa: E402, F401 (tests use it here)
 from pirl.evaluate.features import EvalSettings  # noqa: E402
-from pirl.evaluate.knn import run_knn  # noqa: E402
-from pirl.evaluate.linear import run_linear  # noqa: E402
 from pirl.evaluate.loading import load_eval_model  # noqa: E402
 from pirl.evaluate.metrics import markdown_table  # noqa: E402
+from pirl.evaluate.standard import TrunkEval, evaluate_trunk  # noqa: E402
 from pirl.presets import PRESETS  # noqa: E402
 
 log = logging.getLogger("quality")
@@ -96,54 +92,6 @@ QUICK: dict[str, Any] = {
                   "warmup_epochs=0", "num_permutations=10"]}
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def write_subset(src: ImageSource, per_class: int, dest: Path) -> Path:
-    """An ImageFolder tar holding the first ``per_class`` images of every class of ``src``.
-
-    The split name inside (``<split>/<class>/<name>``) is kept so the layout stays ImageFolder;
-    images are copied byte for byte (no re-encoding).  Written atomically; an existing file with
-    the same name is reused (its name encodes the source and K).
-    """
-    if per_class < 1:
-        raise ValueError(f"--subset {per_class}: need at least 1 image per class")
-    if not isinstance(src, TarSource):
-        raise ValueError(f"{src!r}: --subset reads an ImageFolder .tar")
-    if dest.exists():
-        return dest
-    seen: dict[int, int] = {}
-    keep: list[int] = []
-    for i, y in enumerate(src.targets):
-        if seen.get(y, 0) < per_class:
-            seen[y] = seen.get(y, 0) + 1
-            keep.append(i)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    with tarfile.open(tmp, "w") as tf:
-        for i in keep:
-            name = src.members[i]
-            payload = src.read_bytes(i)
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-    os.replace(tmp, dest)
-    return dest
-
-
-def prepare_data(train: Path, val: Path, subset: int | None, val_subset: int | None,
-                 data_dir: Path) -> tuple[str, str]:
-    """Paths of the (sub-sampled) train and val archives."""
-    out = []
-    for path, k in ((train, subset), (val, val_subset)):
-        if k:
-            name = f"{path.parent.name}-{path.stem}-{k}pc.tar"
-            out.append(str(write_subset(open_source(path), k, data_dir / name)))
-        else:
-            out.append(str(path))
-    return out[0], out[1]
-
-
 # ----------------------------------------------------------------------------- config
 
 
@@ -170,19 +118,6 @@ def method_config(name: str, preset: str, overrides: Sequence[str], epochs: int 
 
 
 # ----------------------------------------------------------------------------- run
-
-
-def evaluate(trunk: torch.nn.Module, train: ImageSource, val: ImageSource, views: C.ViewConfig,
-             settings: EvalSettings, knn_k: int, linear_epochs: int, aug_copies: int,
-             seed: int) -> dict[str, Any]:
-    """kNN and linear-probe top-1 / top-5 (percent) of the res5 features."""
-    knn = run_knn(trunk, train, val, views, settings, k=knn_k)
-    lin = run_linear(trunk, train, val, views, settings, stages=("res5",), epochs=linear_epochs,
-                     aug_copies=aug_copies, seed=seed)
-    res5 = lin["layers"]["res5"]
-    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_k": knn["k"],
-            "linear_top1": res5["top1"], "linear_top5": res5["top5"],
-            "linear_epochs": linear_epochs, "aug_copies": lin["aug_copies"]}
 
 
 def run_method(name: str, args: argparse.Namespace, train_path: str, out: Path,
@@ -215,8 +150,10 @@ def run_method(name: str, args: argparse.Namespace, train_path: str, out: Path,
         model = load_eval_model(str(run_dir / "checkpoint.pt"), name=name)
         views = cfg.views
     t0 = time.perf_counter()
-    row.update(evaluate(model.trunk, train_src, val_src, views, settings, args.knn_k,
-                        args.linear_epochs, args.aug_copies, args.seed))
+    protocol = TrunkEval(knn_k=args.knn_k, linear_epochs=args.linear_epochs,
+                         aug_copies=args.aug_copies)
+    row.update(evaluate_trunk(model.trunk, train_src, val_src, views, settings, protocol,
+                              args.seed))
     row["eval_wall_s"] = time.perf_counter() - t0
     return row
 
@@ -253,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ImageFolder .tar (default: DATA_ROOT/{DATASET}/val.tar)")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="config override applied to every method (repeatable)")
-    p.add_argument("--knn-k", type=int, default=200, help="k of the kNN vote")
-    p.add_argument("--linear-epochs", type=int, default=30, help="linear probe epochs")
-    p.add_argument("--aug-copies", type=int, default=2,
+    p.add_argument("--knn-k", type=int, default=TrunkEval.knn_k, help="k of the kNN vote")
+    p.add_argument("--linear-epochs", type=int, default=TrunkEval.linear_epochs,
+                   help="linear probe epochs")
+    p.add_argument("--aug-copies", type=int, default=TrunkEval.aug_copies,
                    help="augmented copies of the train split the probe cycles through")
     p.add_argument("--seed", type=int, default=0, help="one seed for every method")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers")

@@ -169,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pirl.bench import add_bench_parser
     from pirl.evaluate.cli import add_eval_parser
     from pirl.plots import add_plot_parser
+    from pirl.sweep.cli import add_sweep_parser
 
     add_eval_parser(sub)
     add_bench_parser(sub)
     add_plot_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
