@@ -31,6 +31,8 @@ PRETEXTS = ("jigsaw", "rotation", "jigsaw+rotation")
 LOSSES = ("nce", "nce-fixed-z", "infonce")
 NEGATIVE_MODES = ("per-sample", "shared")
 ARCHS = ("resnet18", "resnet34", "resnet50")
+WIDTHS = (1, 2, 4)  # channel multipliers of every trunk stage (PIRL-c2x: 2)
+HEADS = ("linear", "mlp")
 BANK_DTYPES = ("float32", "float16", "bfloat16")
 BN_STATS = ("image", "all")
 COLOUR_BACKENDS = ("auto", "numba", "torch")  # pirl.kernels.colour.photometric_jobs
@@ -75,6 +77,8 @@ class ModelConfig:
 
     arch: str = _f("resnet50", f"trunk architecture, one of {ARCHS}")
     small_stem: bool = _f(False, "3x3 stride-1 conv1 and no max-pool: for 32-64 px images")
+    width: int = _f(1, f"channel multiplier of every trunk stage, conv1 included, one of {WIDTHS}")
+    head: str = _f("linear", f"f and g, one of {HEADS}: linear (paper) or mlp (C->C, ReLU, ->D)")
     embed_dim: int = _f(128, "dimension of f(v_I), g(v_I^t) and the memory bank rows")
     bn_stats: str = _f("image", f"one of {BN_STATS}: which trunk calls update BatchNorm's running "
                        "statistics (what evaluation normalises with); image = the image view "
@@ -331,6 +335,8 @@ def validate(cfg: Config) -> None:
     nothing: what depends on the data is :func:`fit_to_dataset`'s."""
     v, m, o, op, t = cfg.views, cfg.model, cfg.objective, cfg.optim, cfg.train
     _check(m.arch in ARCHS, "model.arch", m.arch, f"choose one of {list(ARCHS)}")
+    _check(m.width in WIDTHS, "model.width", m.width, f"choose one of {list(WIDTHS)}")
+    _check(m.head in HEADS, "model.head", m.head, f"choose one of {list(HEADS)}")
     _check(o.method in METHODS, "objective.method", o.method, f"choose one of {list(METHODS)}")
     _check(o.pretext in PRETEXTS, "objective.pretext", o.pretext,
            f"choose one of {list(PRETEXTS)}")

@@ -65,7 +65,6 @@ ignored, and missing ``num_batches_tracked`` counters - absent from Detectron2 f
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +74,14 @@ from torch import Tensor, nn
 from torchvision.models import ResNet
 
 from pirl.checkpoint import CheckpointError, safe_load  # one loader and error class for all
+from pirl.layouts import (
+    _looks_detectron2,
+    _strip_prefix,
+    detectron2_to_torchvision,
+    infer_arch,
+    infer_trunk,
+    torchvision_to_detectron2,
+)
 from pirl.trunk import build_trunk
 
 __all__ = ["EXPORT_FORMATS", "CheckpointError", "detectron2_to_torchvision", "export_trunk",
@@ -82,130 +89,6 @@ __all__ = ["EXPORT_FORMATS", "CheckpointError", "detectron2_to_torchvision", "ex
            "trunk_state_dict"]
 
 EXPORT_FORMATS: tuple[str, ...] = ("torchvision", "detectron2")
-
-# arch -> (blocks per stage, bottleneck?)  The three archs pirl trains; all have width 64 at res2.
-_ARCH_LAYOUT: dict[str, tuple[tuple[int, int, int, int], bool]] = {
-    "resnet18": ((2, 2, 2, 2), False),
-    "resnet34": ((3, 4, 6, 3), False),
-    "resnet50": ((3, 4, 6, 3), True),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Reading files safely
-
-
-# --------------------------------------------------------------------------------------------
-# Key layouts
-
-
-def _strip_prefix(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def torchvision_to_detectron2(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a torchvision ResNet trunk state dict to Detectron2's backbone layout (table above).
-
-    ``num_batches_tracked`` and ``fc.*`` are dropped; any other key that does not fit the table is
-    an error (it would be silently ignored by Detectron2's name matching).
-    """
-    out: dict[str, Tensor] = {}
-    for key, value in sd.items():
-        if key.endswith("num_batches_tracked") or key.startswith("fc."):
-            continue
-        out[_tv_key_to_d2(key)] = value
-    return out
-
-
-_TV_STEM = re.compile(r"^(conv1|bn1)\.(.+)$")
-_TV_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(.+)$")
-
-
-def _tv_key_to_d2(key: str) -> str:
-    m = _TV_STEM.match(key)
-    if m:
-        module, rest = m.groups()
-        return f"stem.conv1.{rest}" if module == "conv1" else f"stem.conv1.norm.{rest}"
-    m = _TV_BLOCK.match(key)
-    if not m:
-        raise CheckpointError(f"key {key!r} is not part of a torchvision ResNet trunk")
-    layer, block, module, rest = m.groups()
-    stage = f"res{int(layer) + 1}.{block}"
-    if module.startswith("conv"):
-        return f"{stage}.{module}.{rest}"
-    if module.startswith("bn"):
-        return f"{stage}.conv{module[2:]}.norm.{rest}"
-    if module == "downsample.0":
-        return f"{stage}.shortcut.{rest}"
-    return f"{stage}.shortcut.norm.{rest}"  # downsample.1
-
-
-_D2_STEM = re.compile(r"^stem\.conv1\.(norm\.)?(.+)$")
-_D2_BLOCK = re.compile(r"^res([2-5])\.(\d+)\.(conv\d|shortcut)\.(norm\.)?(.+)$")
-
-
-def detectron2_to_torchvision(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of :func:`torchvision_to_detectron2` (``num_batches_tracked`` is not restored)."""
-    out: dict[str, Tensor] = {}
-    for key, value in sd.items():
-        m = _D2_STEM.match(key)
-        if m:
-            norm, rest = m.groups()
-            out[f"bn1.{rest}" if norm else f"conv1.{rest}"] = value
-            continue
-        m = _D2_BLOCK.match(key)
-        if not m:
-            raise CheckpointError(f"key {key!r} is not part of a Detectron2 ResNet backbone")
-        stage, block, module, norm, rest = m.groups()
-        prefix = f"layer{int(stage) - 1}.{block}"
-        if module == "shortcut":
-            out[f"{prefix}.downsample.{1 if norm else 0}.{rest}"] = value
-        elif norm:
-            out[f"{prefix}.bn{module[4:]}.{rest}"] = value
-        else:
-            out[f"{prefix}.{module}.{rest}"] = value
-    return out
-
-
-def _looks_detectron2(sd: Mapping[str, Any]) -> bool:
-    return any(k.startswith("stem.conv1.") for k in sd)
-
-
-# --------------------------------------------------------------------------------------------
-# Architecture inference
-
-
-def infer_arch(sd: Mapping[str, Tensor], origin: str = "state dict") -> tuple[str, bool]:
-    """(arch, small_stem) of a torchvision-layout trunk state dict, from its keys and shapes.
-
-    Block counts per stage and the block type (a ``conv3`` means Bottleneck) tell resnet18 /
-    resnet34 / resnet50 apart; the res2 width must be 64 (no wide / grouped variants); the stem is
-    small when ``conv1.weight`` has a 3x3 kernel (7x7 = ImageNet stem).
-    """
-    if "conv1.weight" not in sd:
-        raise CheckpointError(f"{origin}: no 'conv1.weight': not a ResNet trunk "
-                              f"(first keys: {list(sd)[:5]})")
-    counts = []
-    for layer in range(1, 5):
-        blocks = {int(k.split(".")[1]) for k in sd if k.startswith(f"layer{layer}.")}
-        counts.append(len(blocks))
-    bottleneck = "layer1.0.conv3.weight" in sd
-    found = tuple(counts)
-    arch = next((a for a, (c, b) in _ARCH_LAYOUT.items() if c == found and b == bottleneck), None)
-    if arch is None:
-        kind = "Bottleneck" if bottleneck else "BasicBlock"
-        raise CheckpointError(f"{origin}: blocks per stage {found} with {kind} blocks match none "
-                              f"of {sorted(_ARCH_LAYOUT)}")
-    width = sd["layer1.0.conv1.weight"].shape[0] if "layer1.0.conv1.weight" in sd else -1
-    if width != 64:
-        raise CheckpointError(f"{origin}: res2 width {width} is not a standard {arch} (64); "
-                              "wide or grouped ResNets are not supported")
-    kernel = tuple(sd["conv1.weight"].shape[-2:])
-    if kernel not in ((3, 3), (7, 7)):
-        raise CheckpointError(f"{origin}: conv1 kernel {kernel} is neither the small stem (3x3) "
-                              "nor the ImageNet stem (7x7)")
-    return arch, kernel == (3, 3)
-
 
 # --------------------------------------------------------------------------------------------
 # Resolving anything to a torchvision-layout trunk state dict
@@ -216,14 +99,14 @@ def _tensor_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
-def _resolve(obj: Any, origin: str) -> tuple[dict[str, Tensor], str | None, bool | None, str]:
-    """Anything we accept -> (torchvision trunk state dict without fc.*, arch, small_stem, kind).
+def _resolve(obj: Any, origin: str) -> tuple[dict[str, Tensor], dict[str, Any], str]:
+    """Anything we accept -> (torchvision trunk state dict without fc.*, recorded, kind).
 
-    ``arch`` / ``small_stem`` are None when the source does not record them (then they are
-    inferred from shapes).  ``kind`` names the detected format for messages.
+    ``recorded``: the ``arch`` / ``small_stem`` / ``width`` a pirl checkpoint's config states
+    (empty for other sources: those are inferred from shapes).  ``kind`` names the detected
+    format for messages.
     """
-    arch: str | None = None
-    small: bool | None = None
+    recorded: dict[str, Any] = {}
     if isinstance(obj, nn.Module):
         trunk = getattr(obj, "trunk", obj)
         if not isinstance(trunk, ResNet):
@@ -233,7 +116,9 @@ def _resolve(obj: Any, origin: str) -> tuple[dict[str, Tensor], str | None, bool
     elif isinstance(obj, Mapping) and obj.get("format") == "pirl":
         try:
             model_cfg = obj["config"]["model"]
-            arch, small = str(model_cfg["arch"]), bool(model_cfg["small_stem"])
+            recorded = {"arch": str(model_cfg["arch"]),
+                        "small_stem": bool(model_cfg["small_stem"]),
+                        "width": int(model_cfg.get("width", 1))}  # older files: width 1
             state = obj["model"]
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{origin}: pirl checkpoint without {e} (expected config.model."
@@ -278,19 +163,19 @@ def _resolve(obj: Any, origin: str) -> tuple[dict[str, Tensor], str | None, bool
                               "expected a pirl checkpoint, a torchvision/Detectron2 state dict or "
                               "a VISSL checkpoint")
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    return sd, arch, small, kind
+    return sd, recorded, kind
 
 
 def trunk_state_dict(model_or_state: Any) -> dict[str, Tensor]:
     """The trunk of a model / checkpoint / state dict / file path, torchvision layout, no fc.*."""
     if isinstance(model_or_state, (str, os.PathLike)):
-        sd, _, _, _ = _resolve(safe_load(model_or_state), str(model_or_state))
+        sd, _, _ = _resolve(safe_load(model_or_state), str(model_or_state))
     else:
-        sd, _, _, _ = _resolve(model_or_state, "input")
+        sd, _, _ = _resolve(model_or_state, "input")
     return {k: v.detach().cpu().clone() for k, v in sd.items()}
 
 
-def _check_complete(sd: dict[str, Tensor], arch: str, small_stem: bool,
+def _check_complete(sd: dict[str, Tensor], arch: str, small_stem: bool, width: int,
                     origin: str) -> dict[str, Tensor]:
     """``sd`` with exactly the trunk's keys and shapes, or an error listing what differs.
 
@@ -299,7 +184,7 @@ def _check_complete(sd: dict[str, Tensor], arch: str, small_stem: bool,
     key names and shapes without allocating weights.
     """
     with torch.device("meta"):
-        expected = build_trunk(arch, small_stem).state_dict()
+        expected = build_trunk(arch, small_stem, width).state_dict()
     sd = dict(sd)
     for key in expected:
         if key.endswith("num_batches_tracked") and key not in sd:
@@ -332,12 +217,12 @@ def export_trunk(model_or_state: Any, format: str, out: str | os.PathLike[str]) 
         raise ValueError(f"export format {format!r}: choose one of {list(EXPORT_FORMATS)}")
     if isinstance(model_or_state, (str, os.PathLike)):
         origin = str(model_or_state)
-        sd, _, _, _ = _resolve(safe_load(model_or_state), origin)
+        sd, _, _ = _resolve(safe_load(model_or_state), origin)
     else:
         origin = "input"
-        sd, _, _, _ = _resolve(model_or_state, origin)
-    arch, small = infer_arch(sd, origin)
-    sd = _check_complete(sd, arch, small, origin)  # exports are complete trunks or nothing
+        sd, _, _ = _resolve(model_or_state, origin)
+    arch, small, width = infer_trunk(sd, origin)
+    sd = _check_complete(sd, arch, small, width, origin)  # complete trunks or nothing
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
     out_path = Path(out)
     payload: dict[str, Any]
@@ -362,31 +247,33 @@ def export_trunk(model_or_state: Any, format: str, out: str | os.PathLike[str]) 
 
 
 def load_backbone(path: str | os.PathLike[str], arch: str | None = None,
-                  small_stem: bool | None = None) -> ResNet:
+                  small_stem: bool | None = None, width: int | None = None) -> ResNet:
     """A torchvision ResNet (``fc = Identity``, eval mode, CPU) from ``path``.
 
     ``path`` is ``"random"`` (a randomly initialised trunk: ``arch`` required, ``small_stem``
-    defaults to False) or a file in any format listed in the module docstring.  ``arch`` /
-    ``small_stem`` given for a file must agree with what the file records or its shapes imply.
+    defaults to False, ``width`` to 1) or a file in any format listed in the module docstring.
+    ``arch`` / ``small_stem`` / ``width`` given for a file must agree with what the file records
+    or its shapes imply (a wide trunk is recognised from its shapes: nothing needs to be passed).
     forward of the result: float ``[B, 3, S, S]`` (ImageNet-normalised) -> ``[B, trunk_dim]``.
     """
     if str(path) == "random":
         if arch is None:
             raise ValueError("load_backbone('random') needs arch (resnet18, resnet34 or resnet50)")
-        return build_trunk(arch, bool(small_stem)).eval()
+        return build_trunk(arch, bool(small_stem), width or 1).eval()
     origin = str(path)
-    sd, rec_arch, rec_small, kind = _resolve(safe_load(path), origin)
-    inf_arch, inf_small = infer_arch(sd, f"{origin} ({kind})")
-    for name, given, recorded, inferred in (("arch", arch, rec_arch, inf_arch),
-                                            ("small_stem", small_stem, rec_small, inf_small)):
-        if recorded is not None and recorded != inferred:
-            raise CheckpointError(f"{origin}: config says {name}={recorded!r} but the weights "
-                                  f"are {name}={inferred!r}")
-        if given is not None and given != inferred:
-            raise CheckpointError(f"{origin}: asked for {name}={given!r} but the {kind} holds "
-                                  f"{name}={inferred!r}")
-    sd = _check_complete(sd, inf_arch, inf_small, f"{origin} ({kind})")
-    trunk = build_trunk(inf_arch, inf_small)
+    sd, recorded, kind = _resolve(safe_load(path), origin)
+    inf_arch, inf_small, inf_width = infer_trunk(sd, f"{origin} ({kind})")
+    inferred: dict[str, Any] = {"arch": inf_arch, "small_stem": inf_small, "width": inf_width}
+    given = {"arch": arch, "small_stem": small_stem, "width": width}
+    for name, value in inferred.items():
+        if name in recorded and recorded[name] != value:
+            raise CheckpointError(f"{origin}: config says {name}={recorded[name]!r} but the "
+                                  f"weights are {name}={value!r}")
+        if given[name] is not None and given[name] != value:
+            raise CheckpointError(f"{origin}: asked for {name}={given[name]!r} but the {kind} "
+                                  f"holds {name}={value!r}")
+    sd = _check_complete(sd, inf_arch, inf_small, inf_width, f"{origin} ({kind})")
+    trunk = build_trunk(inf_arch, inf_small, inf_width)
     try:
         trunk.load_state_dict(sd, strict=True)
     except RuntimeError as e:  # shape mismatches

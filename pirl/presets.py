@@ -46,6 +46,10 @@ def preset_overrides() -> dict[str, dict[str, Any]]:
     return {
         # The paper: ResNet-50, 224 px, batch 1024 over 32 GPUs, 800 epochs, N = 32,000.
         "imagenet-r50": {},
+        # PIRL-c2x: the same recipe on a ResNet-50 twice as wide in every stage (~94M trunk
+        # parameters, 4096-d res5).  Its heads stay the paper's linear f and g; model.head=mlp
+        # gives the authors' later release's MLP heads.
+        "imagenet-r50w2": {"width": 2},
         "imagenette96-r18": {
             **view_preset(96), "arch": "resnet18", "epochs": 100, "batch_size": 256,
             "num_negatives": 4096, **small_opt,

@@ -10,6 +10,12 @@ before res2) for a 3x3 stride-1 conv and no max-pool.  On 32-64 px images the Im
 res5 with a 1x1 (or smaller) map; the small stem keeps 8x more resolution there.  Module names are
 unchanged (``conv1``, ``maxpool`` = Identity), so the key set stays torchvision's; only the shape
 of ``conv1.weight`` differs ([64, 3, 3, 3] instead of [64, 3, 7, 7]).
+
+``width`` w multiplies the channels of every stage, conv1 included, as PIRL-c2x does (ResNet-50
+w2: 128 channels out of conv1, 4096 out of res5, ~94M trunk parameters): each block keeps
+torchvision's layout and names, with w times the channels.  This is not torchvision's
+``wide_resnet50_2``, which widens only the inner 3x3 convs of the bottlenecks; it is the layout
+of VISSL's ``WIDTH_MULTIPLIER``, so the authors' wide checkpoints load.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from collections.abc import Iterable
 import torchvision.models
 from torch import Tensor, nn
 from torchvision.models import ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from pirl.config import ARCHS
+from pirl.config import ARCHS, WIDTHS
 
 # The architectures built from bottleneck blocks, whose stages are 4x wider (res5: 2048 channels
 # against 512); every other name of ARCHS is built from basic blocks.
@@ -39,29 +46,73 @@ def _check_arch(arch: str) -> None:
         raise ValueError(f"model.arch={arch!r}: choose one of {list(ARCHS)}")
 
 
-def trunk_dim(arch: str) -> int:
-    """Width of the pooled trunk output for ``arch`` (512 or 2048)."""
+def _check_width(width: int) -> None:
+    if width not in WIDTHS:
+        raise ValueError(f"model.width={width!r}: choose one of {list(WIDTHS)}")
+
+
+def trunk_dim(arch: str, width: int = 1) -> int:
+    """Width of the pooled trunk output for ``arch`` (512 or 2048, times ``width``)."""
     _check_arch(arch)
-    return 512 * (4 if arch in _BOTTLENECK else 1)
+    _check_width(width)
+    return 512 * (4 if arch in _BOTTLENECK else 1) * width
 
 
 def apply_small_stem(net: ResNet) -> ResNet:
-    """Replace the stem in place by a 3x3 stride-1 conv (64 ch, no bias) and no max-pool."""
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    """Replace the stem in place by a 3x3 stride-1 conv (as many channels, no bias) and no
+    max-pool."""
+    net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1,
+                          bias=False)
     # Same init as torchvision uses for its own convs, so both stems start alike.
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     net.maxpool = nn.Identity()  # type: ignore[assignment]
     return net
 
 
-def build_trunk(arch: str, small_stem: bool = False) -> ResNet:
-    """A randomly initialised torchvision ResNet with ``fc = nn.Identity()``.
+class _ScaledResNet(ResNet):
+    """torchvision's ResNet with every stage ``width`` times as wide (module names unchanged)."""
 
-    forward: float ``[B, 3, S, S]`` (normalised) -> ``[B, trunk_dim(arch)]``.
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],
+                 width: int) -> None:
+        nn.Module.__init__(self)  # ResNet.__init__ hard-codes 64 channels; build the same modules
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = 64 * width, 1, 1, 64
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64 * width, layers[0])
+        self.layer2 = self._make_layer(block, 128 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512 * width, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Identity()  # type: ignore[assignment]
+        for m in self.modules():  # torchvision's own initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
+_LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3]}
+
+
+def build_trunk(arch: str, small_stem: bool = False, width: int = 1) -> ResNet:
+    """A randomly initialised torchvision ResNet with ``fc = nn.Identity()``, every stage
+    ``width`` times as wide (1: torchvision's own model).
+
+    forward: float ``[B, 3, S, S]`` (normalised) -> ``[B, trunk_dim(arch, width)]``.
     """
     _check_arch(arch)
-    net: ResNet = getattr(torchvision.models, arch)(weights=None)  # ARCHS are torchvision's names
-    net.fc = nn.Identity()  # type: ignore[assignment]
+    _check_width(width)
+    net: ResNet
+    if width == 1:
+        net = getattr(torchvision.models, arch)(weights=None)  # ARCHS are torchvision's names
+        net.fc = nn.Identity()  # type: ignore[assignment]
+    else:
+        net = _ScaledResNet(Bottleneck if arch in _BOTTLENECK else BasicBlock, _LAYERS[arch],
+                            width)
     if small_stem:
         apply_small_stem(net)
     return net
@@ -93,15 +144,17 @@ def stage_features(trunk: ResNet, x: Tensor, stages: Iterable[str]) -> dict[str,
     return out
 
 
-def stage_dim(arch: str, stage: str) -> int:
-    """Channel count C of ``stage`` for ``arch`` (useful to size a probe before any forward)."""
+def stage_dim(arch: str, stage: str, width: int = 1) -> int:
+    """Channel count C of ``stage`` for ``arch`` and ``width`` (to size a probe before any
+    forward)."""
     _check_arch(arch)
+    _check_width(width)
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: choose from {list(STAGES)}")
     if stage == "conv1":
-        return 64
+        return 64 * width
     base = {"res2": 64, "res3": 128, "res4": 256, "res5": 512}[stage]
-    return base * (4 if arch in _BOTTLENECK else 1)
+    return base * (4 if arch in _BOTTLENECK else 1) * width
 
 
 def patch_features(trunk: nn.Module, patches: Tensor) -> Tensor:

@@ -57,10 +57,10 @@ class JigsawModel(nn.Module):
     ``batch["patches"]`` ``[B,P,3,p,p]``."""
 
     def __init__(self, arch: str, small_stem: bool, num_permutations: int,
-                 num_patches: int) -> None:
+                 num_patches: int, width: int = 1) -> None:
         super().__init__()
-        self.trunk = build_trunk(arch, small_stem)
-        self.classifier = JigsawClassifier(trunk_dim(arch), num_permutations, num_patches)
+        self.trunk = build_trunk(arch, small_stem, width)
+        self.classifier = JigsawClassifier(trunk_dim(arch, width), num_permutations, num_patches)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         patches = need(batch, "patches", "jigsaw", shape="[B,P,3,p,p]")
@@ -72,7 +72,8 @@ def build_model(cfg: Config) -> JigsawModel:
     n = cfg.objective.num_permutations
     if n < 2:
         raise ValueError(f"jigsaw baseline: num_permutations={n}: need at least 2")
-    return JigsawModel(cfg.model.arch, cfg.model.small_stem, n, cfg.views.grid**2)
+    return JigsawModel(cfg.model.arch, cfg.model.small_stem, n, cfg.views.grid**2,
+                       cfg.model.width)
 
 
 def build_objective(cfg: Config, dataset_size: int,

@@ -25,10 +25,11 @@ def views(cfg: Config) -> SampleViews:
 class NPIDModel(nn.Module):
     """phi + f: forward(batch) -> {"z_img": f(v_I)} ``[B,D]``, unit norm."""
 
-    def __init__(self, arch: str, small_stem: bool, embed_dim: int) -> None:
+    def __init__(self, arch: str, small_stem: bool, embed_dim: int, width: int = 1,
+                 mlp: bool = False) -> None:
         super().__init__()
-        self.trunk = build_trunk(arch, small_stem)
-        self.f = ImageHead(trunk_dim(arch), embed_dim)
+        self.trunk = build_trunk(arch, small_stem, width)
+        self.f = ImageHead(trunk_dim(arch, width), embed_dim, mlp)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         image = need(batch, "image", "npid", shape="[B,3,S,S]")
@@ -37,7 +38,8 @@ class NPIDModel(nn.Module):
 
 def build_model(cfg: Config) -> NPIDModel:
     """NPID's network for ``cfg``, randomly initialised."""
-    return NPIDModel(cfg.model.arch, cfg.model.small_stem, cfg.model.embed_dim)
+    m = cfg.model
+    return NPIDModel(m.arch, m.small_stem, m.embed_dim, m.width, m.head == "mlp")
 
 
 class NPIDObjective(BankObjective):

@@ -41,12 +41,21 @@ def views(cfg: Config) -> SampleViews:
                        rotate_patches=pretext == "jigsaw+rotation")
 
 
-class ImageHead(nn.Module):
-    """f: one Linear C -> D on the pooled trunk feature of the image.  ``[B,C]`` -> ``[B,D]``."""
+def _mlp(in_dim: int, embed_dim: int, relu_out: bool = False) -> nn.Sequential:
+    """The authors' later release's MLP head: Linear C -> C, ReLU, Linear C -> D (and a ReLU after
+    it where the release has one: on each jigsaw patch, before the concatenation)."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True),
+                               nn.Linear(in_dim, embed_dim)]
+    return nn.Sequential(*layers, *([nn.ReLU(inplace=True)] if relu_out else []))
 
-    def __init__(self, in_dim: int, embed_dim: int) -> None:
+
+class ImageHead(nn.Module):
+    """f: one Linear C -> D on the pooled trunk feature of the image (``mlp``: C -> C, ReLU,
+    -> D).  ``[B,C]`` -> ``[B,D]``."""
+
+    def __init__(self, in_dim: int, embed_dim: int, mlp: bool = False) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_dim, embed_dim)
+        self.fc: nn.Module = _mlp(in_dim, embed_dim) if mlp else nn.Linear(in_dim, embed_dim)
 
     def forward(self, v: Tensor) -> Tensor:
         return self.fc(v)
@@ -62,12 +71,15 @@ class JigsawHead(nn.Module):
     Each patch feature through *one shared* Linear C -> D (``patch_fc``), the P outputs
     concatenated in the order the patches arrive (the shuffled order, so the result depends on
     it), then Linear P*D -> D (``fuse``).  At the paper's numbers: 9 x (2048 -> 128) -> 1152 -> 128.
+    ``mlp``: the per-patch Linear becomes C -> C, ReLU, -> D, ReLU, as in the authors' release.
     """
 
-    def __init__(self, in_dim: int, embed_dim: int, num_patches: int = 9) -> None:
+    def __init__(self, in_dim: int, embed_dim: int, num_patches: int = 9,
+                 mlp: bool = False) -> None:
         super().__init__()
         self.num_patches = num_patches
-        self.patch_fc = nn.Linear(in_dim, embed_dim)
+        self.patch_fc: nn.Module = (_mlp(in_dim, embed_dim, relu_out=True) if mlp
+                                    else nn.Linear(in_dim, embed_dim))
         self.fuse = nn.Linear(num_patches * embed_dim, embed_dim)
 
     def forward(self, v: Tensor) -> Tensor:
@@ -114,16 +126,17 @@ class PIRLModel(nn.Module):
     """
 
     def __init__(self, arch: str, small_stem: bool, embed_dim: int, pretext: str,
-                 num_patches: int, bn_stats: str = "image") -> None:
+                 num_patches: int, bn_stats: str = "image", width: int = 1,
+                 mlp: bool = False) -> None:
         super().__init__()
         if pretext not in PRETEXTS:
             raise ValueError(f"objective.pretext={pretext!r}: choose one of {list(PRETEXTS)}")
-        c = trunk_dim(arch)
+        c = trunk_dim(arch, width)
         self.pretext, self.bn_stats = pretext, bn_stats
-        self.trunk = build_trunk(arch, small_stem)
-        self.f = ImageHead(c, embed_dim)
-        self.g: nn.Module = (RotationHead(c, embed_dim) if pretext == "rotation" else
-                             JigsawHead(c, embed_dim, num_patches))
+        self.trunk = build_trunk(arch, small_stem, width)
+        self.f = ImageHead(c, embed_dim, mlp)
+        self.g: nn.Module = (RotationHead(c, embed_dim, mlp) if pretext == "rotation" else
+                             JigsawHead(c, embed_dim, num_patches, mlp))
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         image = need(batch, "image", "pirl", shape="[B,3,S,S]")
@@ -141,7 +154,7 @@ def build_model(cfg: Config) -> PIRLModel:
     """PIRL's network for ``cfg``, randomly initialised."""
     m = cfg.model
     return PIRLModel(m.arch, m.small_stem, m.embed_dim, cfg.objective.pretext,
-                     cfg.views.grid**2, m.bn_stats)
+                     cfg.views.grid**2, m.bn_stats, m.width, m.head == "mlp")
 
 
 class PIRLObjective(BankObjective):

@@ -29,10 +29,10 @@ class RotationModel(nn.Module):
     take capacity from the trunk, which is what gets evaluated.
     """
 
-    def __init__(self, arch: str, small_stem: bool) -> None:
+    def __init__(self, arch: str, small_stem: bool, width: int = 1) -> None:
         super().__init__()
-        self.trunk = build_trunk(arch, small_stem)
-        self.classifier = nn.Linear(trunk_dim(arch), 4)
+        self.trunk = build_trunk(arch, small_stem, width)
+        self.classifier = nn.Linear(trunk_dim(arch, width), 4)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         rotated = need(batch, "rotated", "rotation", shape="[B,3,S,S]")
@@ -41,7 +41,7 @@ class RotationModel(nn.Module):
 
 def build_model(cfg: Config) -> RotationModel:
     """The Rotation baseline's network for ``cfg``."""
-    return RotationModel(cfg.model.arch, cfg.model.small_stem)
+    return RotationModel(cfg.model.arch, cfg.model.small_stem, cfg.model.width)
 
 
 def build_objective(cfg: Config, dataset_size: int,

@@ -35,10 +35,10 @@ class SupervisedModel(nn.Module):
     linearly separable, which is what the linear and kNN protocols then measure.
     """
 
-    def __init__(self, arch: str, small_stem: bool, num_classes: int) -> None:
+    def __init__(self, arch: str, small_stem: bool, num_classes: int, width: int = 1) -> None:
         super().__init__()
-        self.trunk = build_trunk(arch, small_stem)
-        self.classifier = nn.Linear(trunk_dim(arch), num_classes)
+        self.trunk = build_trunk(arch, small_stem, width)
+        self.classifier = nn.Linear(trunk_dim(arch, width), num_classes)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         image = need(batch, "image", "supervised", shape="[B,3,S,S]")
@@ -51,7 +51,7 @@ def build_model(cfg: Config) -> SupervisedModel:
     if k < 1:
         raise ConfigError(f"objective.num_classes={k}: the supervised model needs the number of "
                           "classes (training sets it from the data)")
-    return SupervisedModel(cfg.model.arch, cfg.model.small_stem, k)
+    return SupervisedModel(cfg.model.arch, cfg.model.small_stem, k, cfg.model.width)
 
 
 def build_objective(cfg: Config, dataset_size: int,
