@@ -53,8 +53,9 @@ def split_spec(spec: str) -> tuple[Path, Path]:
 
 def _report(file: Path, faults: list[str], what: str) -> DatasetError:
     more = f" (and {len(faults) - MAX_REPORTED} more)" if len(faults) > MAX_REPORTED else ""
-    return DatasetError(f"{file}: {len(faults)} bad {what}{more}:\n  "
-                        + "\n  ".join(faults[:MAX_REPORTED]))
+    # One line (the CLI's errors are one line each), every fault named with file:line.
+    return DatasetError(f"{file}: {len(faults)} bad {what}{more}: "
+                        + "; ".join(faults[:MAX_REPORTED]))
 
 
 class ListedSource(ImageSource):

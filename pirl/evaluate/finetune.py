@@ -102,8 +102,8 @@ def read_subset_list(path: str | Path, source: ImageSource) -> list[int]:
         else:
             chosen.add(matches[0])
     if faults:
-        raise DatasetError(f"--subset-list {path}: {len(faults)} bad line(s):\n  "
-                           + "\n  ".join(faults[:10]) + ("\n  ..." if len(faults) > 10 else ""))
+        raise DatasetError(f"--subset-list {path}: {len(faults)} bad line(s): "
+                           + "; ".join(faults[:10]) + ("; ..." if len(faults) > 10 else ""))
     if not chosen:
         raise DatasetError(f"--subset-list {path}: names no image")
     return sorted(chosen)
