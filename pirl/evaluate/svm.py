@@ -210,11 +210,17 @@ def run_svm(trunk: nn.Module, train: ImageSource, val: ImageSource, view_cfg: Vi
     if any(k < 1 for k in low_shot) or samples < 1:
         raise ValueError(f"svm: low-shot k ({list(low_shot)}) and samples ({samples}) must be "
                          ">= 1")
+    y_full = label_matrix(train)
+    for c, name in enumerate(train.classes):  # checked before any feature is computed
+        for value, what in ((1, "positive"), (-1, "negative")):
+            if not (y_full[:, c] == value).any():
+                raise ValueError(f"svm: class {name!r} has no {what} training image (an SVM "
+                                 "needs both; a one-class set such as raccoon cannot be scored)")
     view = eval_view(view_cfg)
     tr = extract_features(trunk, train, [stage], view, settings, desc="train")[stage]
     va = extract_features(trunk, val, [stage], view, settings, desc="val")[stage]
     # Rows follow the readable images (an unreadable one has no feature row).
-    y_train = label_matrix(train)[tr.indices.numpy()]
+    y_train = y_full[tr.indices.numpy()]
     y_val = label_matrix(val)[va.indices.numpy()]
     used = (y_train != 0).any(axis=1)
     train_x = F.normalize(tr.feats, dim=1)
