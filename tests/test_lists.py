@@ -174,3 +174,24 @@ def test_subset_list_by_file_name_or_relative_path(tiny_imagefolder: Path,
         read_subset_list(unknown, src)
     assert f"{unknown}:2: 'n000_nothing.JPEG' matches no image" in str(err.value)
     assert f"{unknown}:3: " in str(err.value) and f"{unknown}:1:" not in str(err.value)
+
+
+def test_cli_finetune_takes_a_subset_list(tiny_imagefolder: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    rels = _images(tiny_imagefolder)  # 20 per class, classes in order
+    train = _write(tmp_path / "train.txt", "".join(f"{r} {k // 20}\n" for k, r in enumerate(rels)))
+    val = _write(tmp_path / "val.txt",  # one image per class keeps the scoring short
+                 "".join(f"{r} {k // 20}\n" for k, r in enumerate(rels) if k % 20 == 19))
+    names = _write(tmp_path / "sub.txt", "".join(f"{Path(r).name}\n" for r in rels[::20]))
+    args = ["eval", "finetune", "--checkpoint", "random", "--arch", "resnet18",
+            "--train-data", f"{tiny_imagefolder}::{train}",
+            "--val-data", f"{tiny_imagefolder}::{val}",
+            "--image-size", "32", "--epochs", "1", "--ft-batch-size", "5", "--workers", "0",
+            "--device", "cpu", "--quiet", "--out", str(tmp_path / "ev")]
+    assert main([*args, "--subset-list", str(names)]) == 0
+    r = json.loads((tmp_path / "ev" / "finetune.json").read_text())
+    assert r["subset_size"] == 10 and r["fraction"] == pytest.approx(10 / 200)
+    assert sum(r["per_class"].values()) == 10
+    bad = _write(tmp_path / "bad.txt", "nothing.JPEG\n")
+    assert main([*args, "--subset-list", str(bad)]) == 2
+    assert f"{bad}:1: 'nothing.JPEG' matches no image" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from pirl.evaluate.svm import (
 DET_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "detection"
 if not (DET_DIR / "bccd.tar").is_file():
     DET_DIR = Path("/work/shared/data/detection")
-BCCD = DET_DIR / "bccd.tar"
+BCCD, RACCOON = DET_DIR / "bccd.tar", DET_DIR / "raccoon.tar"
 needs_data = pytest.mark.skipif(not BCCD.is_file(), reason=f"shared VOC sets missing in {DET_DIR}")
 
 
@@ -158,3 +158,12 @@ def test_cli_svm_on_bccd_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     # a VOC set and ImageFolder splits at once is refused (exit 2)
     assert main(["eval", "svm", "--checkpoint", "random", "--arch", "resnet18", "--data",
                  str(data), "--train-data", "synthetic", "--out", str(out)]) == 2
+
+
+@needs_data
+def test_cli_svm_refuses_a_one_class_set(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # raccoon: every image holds a raccoon, so no negative exists; refused before features
+    assert main(["eval", "svm", "--checkpoint", "random", "--arch", "resnet18", "--data",
+                 str(RACCOON), "--no-cache", "--out", str(tmp_path)]) == 2
+    assert "class 'raccoon' has no negative training image" in capsys.readouterr().err
