@@ -74,8 +74,12 @@ class ListedSource(ImageSource):
     def describe(self, i: int) -> str:
         return self.files.describe(self.paths[self._check_index(i)])
 
+    def read_bytes(self, i: int) -> bytes:
+        """The raw bytes of item ``i``; :class:`~pirl.data.source.BadImageError` if unreadable."""
+        return self.files.read(self.paths[self._check_index(i)])
+
     def load(self, i: int) -> Image.Image:
-        return decode_image(self.files.read(self.paths[self._check_index(i)]), self.describe(i))
+        return decode_image(self.read_bytes(i), self.describe(i))
 
 
 def _root_files(root: Path, file: Path) -> Files:
