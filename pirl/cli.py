@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain a trunk without labels")
     p.add_argument("--data", required=True,
-                   help="training images: ImageFolder folder, ImageFolder .tar, or 'synthetic'")
+                   help="training images: ImageFolder folder, ImageFolder .tar, "
+                   "[ROOT::]list.txt ('relative/path label' lines), [ROOT::]split.json "
+                   "(iNaturalist), or 'synthetic'")
     p.add_argument("--val-data", default=None, help="labelled images for the kNN monitor")
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset>); rerunning "
                    "with the same folder resumes from its checkpoint")
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("show-views", help="draw images with their image view and jigsaw patches")
-    p.add_argument("--data", required=True, help="folder, .tar archive or 'synthetic'")
+    p.add_argument("--data", required=True,
+                   help="folder, .tar archive, [ROOT::]list.txt / .json, or 'synthetic'")
     p.add_argument("--out", default="views.png", help="PNG to write")
     p.add_argument("-n", type=int, default=4, help="number of images")
     p.add_argument("--seed", type=int, default=0)
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = dsub.add_parser("check", help="list every unreadable, truncated or too small image")
-    q.add_argument("path", help="ImageFolder folder or .tar archive")
+    q.add_argument("path", help="ImageFolder folder or .tar archive, or [ROOT::]list.txt / .json")
     q.add_argument("--min-size", type=int, default=1, help="smallest acceptable side, px")
     q.set_defaults(func=_cmd_data_check)
 

@@ -531,8 +531,8 @@ def test_empty_datasets_fail_with_one_line(tmp_path: Path, capsys: pytest.Captur
     assert src.classes == ["class_c"]
     assert f"class folder {empty / 'class_a'} has no images" in caplog.text
     # neither a folder nor an archive
-    (tmp_path / "notes.txt").write_text("hi")
-    assert main(["data", "check", str(tmp_path / "notes.txt")]) == 2
+    (tmp_path / "notes.md").write_text("hi")  # (.txt / .json would be read as a list)
+    assert main(["data", "check", str(tmp_path / "notes.md")]) == 2
     assert "neither a folder nor a tar archive" in _one_error(capsys)
 
 

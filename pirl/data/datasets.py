@@ -26,7 +26,7 @@ import logging
 import os
 import tarfile
 from collections.abc import Callable, Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,6 +40,7 @@ from pirl.data.source import (
     ImageSource,
     UnreadableDataError,
     decode_image,
+    safe_parts,
 )
 from pirl.data.synthetic import SPLITS, SyntheticSource
 
@@ -242,16 +243,6 @@ class TarSource(ImageSource):
         return decode_image(self.read_bytes(i), self.describe(i))
 
 
-def safe_parts(name: str) -> tuple[str, ...] | None:
-    """Member name -> path parts, or None when absolute or containing ``..``."""
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        return None
-    parts = tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
-    if ".." in parts:
-        return None
-    return parts
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -259,8 +250,9 @@ SYNTHETIC = "synthetic"
 
 
 def open_source(path: str | os.PathLike[str]) -> ImageSource:
-    """Open a dataset: an ImageFolder folder, an uncompressed ImageFolder ``.tar``, or the
-    built-in ``synthetic`` (training split) / ``synthetic:val`` (held-out labelled split).
+    """Open a dataset: an ImageFolder folder, an uncompressed ImageFolder ``.tar``, a list /
+    JSON file (``[ROOT::]list.txt`` or ``[ROOT::]split.json``, see :mod:`pirl.data.lists`), or
+    the built-in ``synthetic`` (training split) / ``synthetic:val`` (held-out labelled split).
 
     The built-in names win over a folder of the same name in the working directory; write
     ``./synthetic`` for the folder.
@@ -268,7 +260,8 @@ def open_source(path: str | os.PathLike[str]) -> ImageSource:
     Raises:
         FileNotFoundError: the path does not exist.
         DatasetError (a ValueError): no images found (the message names the path), unknown
-            synthetic split, or a file that is not a tar archive.
+            synthetic split, a file that is not a tar archive, or bad lines / entries of a list
+            or JSON file (each named ``file:line``).
     """
     s = os.fspath(path)
     if s == SYNTHETIC or s.startswith(SYNTHETIC + ":"):
@@ -277,6 +270,10 @@ def open_source(path: str | os.PathLike[str]) -> ImageSource:
             raise DatasetError(f"unknown synthetic split {split!r} in {s!r}: use one of "
                              f"{', '.join(SYNTHETIC + ':' + x for x in SPLITS)}")
         return SyntheticSource(split)
+    from pirl.data.lists import is_listed_spec, open_listed
+
+    if is_listed_spec(s):  # LIST.txt / SPLIT.json, optionally ROOT::FILE (pirl.data.lists)
+        return open_listed(s)
     p = Path(s)
     if not p.exists():
         raise FileNotFoundError(f"dataset path does not exist: {s}")

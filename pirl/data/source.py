@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -175,3 +175,13 @@ class ArchiveReader:
         if len(data) != size:
             raise BadImageError(name, f"archive ends early: got {len(data)} of {size} bytes")
         return data
+
+
+def safe_parts(name: str) -> tuple[str, ...] | None:
+    """Member name -> path parts, or None when absolute or containing ``..``."""
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return None
+    parts = tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
+    if ".." in parts:
+        return None
+    return parts

@@ -7,8 +7,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from pirl.data.datasets import safe_parts
-from pirl.data.source import ArchiveReader, BadImageError, DatasetError
+from pirl.data.source import ArchiveReader, BadImageError, DatasetError, safe_parts
 
 ROOT_MARKERS = ("Annotations", "JPEGImages")
 

@@ -22,6 +22,7 @@ from pirl import config as C
 from pirl.data.source import ImageSource
 from pirl.evaluate.features import EvalSettings, default_cache_dir, trunk_fingerprint
 from pirl.evaluate.metrics import markdown_table
+from pirl.evaluate.svm_cli import add_svm_options, open_svm_splits, run_svm_cli
 from pirl.presets import PRESETS, view_preset
 from pirl.trunk import STAGES
 
@@ -31,7 +32,8 @@ PROTOCOLS = ("knn", "linear", "svm", "finetune", "invariance", "neighbors")
 # ----------------------------------------------------------------------------- parser
 
 
-def _common(p: argparse.ArgumentParser, needs_train: bool, many_checkpoints: bool) -> None:
+def _common(p: argparse.ArgumentParser, needs_train: bool, many_checkpoints: bool,
+            required: bool = True) -> None:
     p.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
                    help="pirl checkpoint (any method), trunk.pt, torchvision / Detectron2 / VISSL "
                    "file, or 'random' (with --arch)"
@@ -42,9 +44,11 @@ def _common(p: argparse.ArgumentParser, needs_train: bool, many_checkpoints: boo
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem, for --checkpoint random on 32-64 px images")
     if needs_train:
-        p.add_argument("--train-data", required=True,
-                       help="labelled training split: ImageFolder folder or .tar, or 'synthetic'")
-    p.add_argument("--val-data", required=True,
+        p.add_argument("--train-data", required=required,
+                       help="labelled training split: ImageFolder folder or .tar, [ROOT::]list.txt "
+                       "('relative/path label' lines), [ROOT::]split.json (iNaturalist), or "
+                       "'synthetic'")
+    p.add_argument("--val-data", required=required,
                    help="labelled evaluation split (same class folders as the training split)")
     p.add_argument("--out", default="runs/eval", help="folder for the JSON / PNG results "
                    "(default: runs/eval)")
@@ -121,13 +125,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "statistics (the whole split when smaller)")
     _concat_arg(p)
 
-    p = sub.add_parser("svm", help="one-vs-rest linear SVMs, cost by cross-validation (mAP)")
-    _common(p, True, False)
+    p = sub.add_parser("svm", help="one-vs-rest linear SVMs, cost by cross-validation (mAP); "
+                       "VOC07 with --data")
+    _common(p, True, False, required=False)
     _stage_arg(p)
     _concat_arg(p)
-    p.add_argument("--costs", default="0.01,0.1,1,10,100",
-                   help="comma-separated SVM costs C tried by cross-validation")
-    p.add_argument("--folds", type=int, default=3, help="cross-validation folds")
+    add_svm_options(p)
 
     p = sub.add_parser("finetune", help="fine-tune the whole network on 1%% / 10%% of the labels")
     _common(p, True, False)
@@ -140,6 +143,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--ft-batch-size", type=int, default=64,
                    help="fine-tuning minibatch (a 1%% subset may hold only ~100 images)")
+    p.add_argument("--subset-list", default=None, metavar="FILE",
+                   help="the labelled subset as image file names or relative paths, one a line "
+                   "(e.g. ImageNet's 1%% / 10%% lists); replaces --fraction")
 
     p = sub.add_parser("invariance", help="distance between representations of I and I^t, "
                        "histograms of several checkpoints overlaid (PIRL Fig. 4)")
@@ -276,11 +282,17 @@ def _run(args: argparse.Namespace) -> int:
     settings = EvalSettings(device=_device(args.device), batch_size=args.batch_size,
                             workers=args.workers, quiet=args.quiet,
                             cache_dir=None if args.no_cache else args.cache_dir)
-    val = open_source(args.val_data)
+    train: ImageSource | None
+    if protocol == "svm":
+        train, val = open_svm_splits(args)
+    else:
+        train = open_source(args.train_data) if getattr(args, "train_data", None) else None
+        val = open_source(args.val_data)
     out = Path(args.out)
     several = protocol == "invariance" or concat
     meta = {"checkpoint": args.checkpoint if several else args.checkpoint[0],
             "train_data": getattr(args, "train_data", None), "val_data": args.val_data,
+            "data": getattr(args, "data", None),
             "views": dataclasses.asdict(views), "views_from": views_from,
             "device": str(settings.device),
             # which weights were evaluated, whatever the file is called (also the cache key)
@@ -303,8 +315,8 @@ def _run(args: argparse.Namespace) -> int:
         table = markdown_table(["checkpoint", "res5 mean", "res5 std", "f-g mean", "f-g std"],
                                rows)
     else:
-        r, table = _frozen_or_finetune(args, trunk, names[0], open_source(args.train_data), val,
-                                       views, settings, out)
+        assert train is not None
+        r, table = _frozen_or_finetune(args, trunk, names[0], train, val, views, settings, out)
 
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0  # a torchrun job (streaming probe): rank 0 reports for all
@@ -333,21 +345,19 @@ def _frozen_or_finetune(args: argparse.Namespace, trunk: torch.nn.Module, name: 
         if len(r["layers"]) > 1:
             table = layer_table(r, name) + "\n\n" + table
     elif protocol == "svm":
-        from pirl.evaluate.svm import run_svm
-
-        r = run_svm(trunk, train, val, views, settings, stage=args.stage,
-                    costs=_parse_floats(args.costs, "--costs"), folds=args.folds, seed=args.seed)
-        table = markdown_table(["checkpoint", "stage", "mAP", "top-1"],
-                               [[name, r["stage"], r["mAP"], r["top1"]]])
+        r, table = run_svm_cli(args, trunk, name, train, val, views, settings,
+                               _parse_floats(args.costs, "--costs"))
     elif protocol == "finetune":
-        from pirl.evaluate.finetune import run_finetune
+        from pirl.evaluate.finetune import read_subset_list, run_finetune
 
+        subset = read_subset_list(args.subset_list, train) if args.subset_list else None
         r = run_finetune(trunk, train, val, views, settings, fraction=args.fraction,
-                         epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                         subset=subset, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
                          weight_decay=args.weight_decay, batch_size=args.ft_batch_size,
                          seed=args.seed)
         table = markdown_table(["checkpoint", "labels", "images", "top-1", "top-5"],
-                               [[name, f"{100 * r['fraction']:g}%", r["subset_size"],
+                               [[name, args.subset_list or f"{100 * r['fraction']:g}%",
+                                 r["subset_size"],
                                  r["top1"], r["top5"]]])
     else:  # neighbors
         from pirl.evaluate.neighbors import run_neighbors

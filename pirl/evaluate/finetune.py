@@ -4,7 +4,8 @@ The labelled subset is class-balanced and deterministic: every class contributes
 of images, ``round(fraction * |labelled train| / C)`` (at least 1), chosen by a seeded permutation
 of that class's indices, so the same ``(dataset, fraction, seed)`` always gives the same images
 (ImageNet 1% = ~13 per class).  A class with fewer images than that contributes all it has (the
-result lists the per-class counts).
+result lists the per-class counts).  Or the subset is given as a file (:func:`read_subset_list`,
+``--subset-list``): the image names of the standard ImageNet 1% / 10% lists, one per line.
 
 The trunk (a copy; the caller's is untouched) and a new linear classifier on its pooled res5
 feature are trained together, BatchNorm in train mode, with SGD (lr 0.01, momentum 0.9, weight
@@ -15,8 +16,10 @@ views; top-1 and top-5 on the centre-cropped val split.
 from __future__ import annotations
 
 import copy
-from collections import Counter
+import re
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,12 +66,58 @@ def balanced_subset(targets: Sequence[int], fraction: float, seed: int = 0) -> l
     return sorted(chosen)
 
 
+def read_subset_list(path: str | Path, source: ImageSource) -> list[int]:
+    """Sorted indices of ``source`` named by a subset file: one image a line, as a file name
+    (``n01440764_10026.JPEG``, the ImageNet 1% / 10% lists) or a relative path
+    (``n01440764/n01440764_10026.JPEG``), matched against the end of each item's name.
+
+    Raises:
+        ValueError (a DatasetError): a name that matches no image or several, or an unlabelled
+            match, named with ``file:line``; an empty file.
+    """
+    from pirl.data.source import DatasetError
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"--subset-list {path}: unreadable ({e})") from None
+    by_name: dict[str, list[int]] = defaultdict(list)
+    for i in range(len(source)):
+        by_name[re.split(r"[/\\:]", source.describe(i))[-1]].append(i)
+    chosen: set[int] = set()
+    faults: list[str] = []
+    for n, raw in enumerate(lines, start=1):
+        entry = raw.strip().replace("\\", "/")
+        if not entry or entry.startswith("#"):
+            continue
+        entry = entry.split()[0]  # a second column (a label) is allowed and ignored
+        matches = [i for i in by_name.get(entry.rsplit("/", 1)[-1], [])
+                   if "/" not in entry or source.describe(i).endswith(("/" + entry, ":" + entry))]
+        if len(matches) != 1:
+            faults.append(f"{path}:{n}: {entry!r} " + ("matches no image of the training split"
+                          if not matches else f"matches {len(matches)} images"))
+        elif source.targets[matches[0]] < 0:
+            faults.append(f"{path}:{n}: {entry!r} is unlabelled")
+        else:
+            chosen.add(matches[0])
+    if faults:
+        raise DatasetError(f"--subset-list {path}: {len(faults)} bad line(s): "
+                           + "; ".join(faults[:10]) + ("; ..." if len(faults) > 10 else ""))
+    if not chosen:
+        raise DatasetError(f"--subset-list {path}: names no image")
+    return sorted(chosen)
+
+
 def run_finetune(trunk: nn.Module, train: ImageSource, val: ImageSource, view_cfg: ViewConfig,
                  settings: EvalSettings, fraction: float = 0.01, epochs: int = 30,
                  lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 batch_size: int = 64, seed: int = 0,
-                 crop_scale_min: float = 0.08) -> dict[str, Any]:
+                 batch_size: int = 64, seed: int = 0, crop_scale_min: float = 0.08,
+                 subset: Sequence[int] | None = None) -> dict[str, Any]:
     """Fine-tune a copy of ``trunk`` + a new linear head on the subset; score on ``val``.
+
+    ``subset``: the training indices to use (e.g. :func:`read_subset_list`) instead of the
+    balanced ``fraction``; the result then reports the fraction those images make up.
 
     trunk: forward float [B,3,S,S] -> [B, F] (a ResNet with fc = Identity).
     Returns {"protocol": "finetune", "top1", "top5", "fraction", "subset_size",
@@ -79,7 +128,11 @@ def run_finetune(trunk: nn.Module, train: ImageSource, val: ImageSource, view_cf
         raise ValueError(f"finetune: need epochs >= 1 and batch_size >= 2 (BatchNorm), got "
                          f"{epochs} and {batch_size}")
     device = settings.device
-    subset = balanced_subset(train.targets, fraction, seed)
+    if subset is None:
+        subset = balanced_subset(train.targets, fraction, seed)
+    else:
+        subset = sorted(int(i) for i in subset)
+        fraction = len(subset) / max(1, sum(1 for y in train.targets if y >= 0))
     counts = Counter(train.targets[i] for i in subset)
 
     model = copy.deepcopy(trunk).to(device)
