@@ -41,7 +41,13 @@ transfer, docs/method.md) in one of :data:`EXPORT_FORMATS`:
     puts the stride in the 3x3 conv), ``INPUT.FORMAT: "RGB"``, ``MODEL.PIXEL_MEAN: [123.675,
     116.280, 103.530]``, ``MODEL.PIXEL_STD: [58.395, 57.120, 57.375]`` (the ImageNet normalisation
     the trunk was trained with).  A small-stem trunk is refused: Detectron2's ``BasicStem`` is
-    always a 7x7 stride-2 conv plus max-pool.
+    always a 7x7 stride-2 conv plus max-pool.  A wide trunk (``model.width`` w) keeps the same key
+    names; Detectron2 builds it with ``MODEL.RESNETS.STEM_OUT_CHANNELS: 64w``,
+    ``RES2_OUT_CHANNELS: 256w`` and ``WIDTH_PER_GROUP: 64w`` (ResNet-50).
+
+    A wide trunk exported as ``torchvision`` has the key names of ``torchvision.models.resnetXX``
+    but w times the channels, so it does not load into torchvision's constructor;
+    :func:`load_backbone` rebuilds it at the right width.
 
 Importing
 ---------
