@@ -22,7 +22,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from pirl.errors import ConfigError
-from pirl.presets import preset_overrides
+from pirl.presets import photo_ops, preset_overrides
 
 # The method names; pirl.methods.REGISTRY holds what each one is (it imports torch and this
 # module, so the names live here, where the config can list them without importing it).
@@ -63,6 +63,9 @@ class ViewConfig:
     jitter_prob: float = _f(1.0, "probability of applying colour jitter to a view / patch")
     grayscale_prob: float = _f(0.2, "probability of converting a view / patch to grayscale")
     flip_prob: float = _f(0.5, "probability of a horizontal flip of a view / patch")
+    photometric_ops: str = _f("", "optional ops after the jitter: 'release' (posterize, sharpness, "
+                              "solarize, autocontrast) or names incl. equalize; '' = off (paper)")
+    photometric_prob: float = _f(0.66, "probability a view / patch gets photometric_ops (release)")
     eval_resize: int = _f(256, "evaluation: resize the shorter side to this, then centre-crop "
                           "image_size")
     colour_backend: str = _f("auto", f"implementation of the colour augmentation, one of "
@@ -101,6 +104,8 @@ class ObjectiveConfig:
     bank_momentum: float = _f(0.5, "memory bank update m <- normalize(momentum*m + (1-momentum)*f)")
     bank_dtype: str = _f("float32", f"storage dtype of the memory bank, one of {BANK_DTYPES}")
     num_permutations: int = _f(1000, "jigsaw baseline: size of the maximal-Hamming permutation set")
+    num_pirl_permutations: int = _f(0, "pirl: jigsaw orders from the jigsaw baseline's set of this "
+                                    "size (|T|, Fig. 7); 0 = any of the 9! (paper)")
     num_classes: int = _f(0, "supervised: outputs of the classifier; unless set, the number of "
                           "classes of the training data, filled in when training starts "
                           "(config.yaml and the checkpoint record the number used)")
@@ -362,7 +367,8 @@ def validate(cfg: Config) -> None:
         val = getattr(v, name)
         _check(val >= 0, f"views.{name}", val, "must be non-negative")
     _check(0 <= v.hue <= 0.5, "views.hue", v.hue, "must be in [0, 0.5]")
-    for name in ("jitter_prob", "grayscale_prob", "flip_prob"):
+    photo_ops(v.photometric_ops)
+    for name in ("jitter_prob", "grayscale_prob", "flip_prob", "photometric_prob"):
         val = getattr(v, name)
         _check(0 <= val <= 1, f"views.{name}", val, "a probability must be in [0, 1]")
     _check(v.eval_resize >= v.image_size, "views.eval_resize", v.eval_resize,
@@ -377,6 +383,8 @@ def validate(cfg: Config) -> None:
            "must be in [0, 1)")
     _check(o.num_permutations >= 2, "objective.num_permutations", o.num_permutations,
            "need at least 2 permutations")
+    _check(0 <= o.num_pirl_permutations <= math.factorial(v.grid**2), "objective."
+           "num_pirl_permutations", o.num_pirl_permutations, "0 (all) or 1..(grid^2)!")
     _check(o.num_classes >= 0, "objective.num_classes", o.num_classes,
            "must be non-negative (0: not known yet)")
     _check(op.epochs >= 1, "optim.epochs", op.epochs, "must be at least 1")

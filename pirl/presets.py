@@ -88,3 +88,24 @@ def preset_overrides() -> dict[str, dict[str, Any]]:
 
 
 PRESETS: tuple[str, ...] = tuple(preset_overrides())
+
+
+# views.photometric_ops: the names it takes, and the authors' release's list (VISSL's
+# ImgPilRandomPhotometric, applied with probability 0.66 after the colour jitter).
+PHOTO_OP_NAMES = ("posterize", "sharpness", "solarize", "autocontrast", "equalize")
+RELEASE_PHOTO_OPS = ("posterize", "sharpness", "solarize", "autocontrast")
+
+
+def photo_ops(spec: str) -> tuple[str, ...]:
+    """``views.photometric_ops`` -> the operations in the order applied: ``""`` none (the paper
+    preset), ``"release"`` the authors' release's four, otherwise comma-separated names of
+    :data:`PHOTO_OP_NAMES` (each at most once).  Raises ConfigError naming the key."""
+    if spec.strip() == "release":
+        return RELEASE_PHOTO_OPS
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    bad = [n for n in names if n not in PHOTO_OP_NAMES]
+    if bad or len(set(names)) != len(names):
+        raise ConfigError(f"views.photometric_ops={spec!r}: expected 'release' or distinct "
+                          f"comma-separated names of {list(PHOTO_OP_NAMES)}")
+    return names
+

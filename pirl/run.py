@@ -26,7 +26,7 @@ from pirl.data.source import ImageSource
 from pirl.data.views import ColourCollate
 from pirl.distributed import DistEnv
 from pirl.logs import LOG_NAME, RunLogger
-from pirl.methods import build_train_transform, fit_to_dataset
+from pirl.methods import build_train_transform, fit_to_dataset, permutation_set
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ def prepare_run_dir(out: Path) -> Path:
 
 def check_resume_compatible(ckpt: dict[str, Any], cfg: C.Config, dataset_size: int,
                             path: Path) -> None:
-    """Refuse to resume a checkpoint of another architecture, method or dataset size."""
+    """Refuse to resume a checkpoint of another architecture, method, dataset size or
+    permutation-set size."""
     saved = ckpt.get("config", {})
     for section, key in (("model", "arch"), ("model", "small_stem"), ("model", "embed_dim"),
                          ("objective", "method"), ("objective", "pretext")):
@@ -104,6 +105,7 @@ def check_resume_compatible(ckpt: dict[str, Any], cfg: C.Config, dataset_size: i
         if old != new:
             raise C.ConfigError(f"{path}: checkpoint has {section}.{key}={old!r} but this run asks "
                                 f"for {new!r}; use another --out folder or the same setting")
+    permutation_set(cfg, 0, ckpt.get("permutations"), resuming=True)  # the same |T| / set size
     if ckpt.get("dataset_size") != dataset_size:
         raise C.ConfigError(f"{path}: checkpoint was trained on {ckpt.get('dataset_size')} images "
                             f"(memory bank rows) but the data now has {dataset_size}; use another "

@@ -28,7 +28,7 @@ from pirl.checkpoint import restore_training_state, save_run_checkpoint, trainin
 from pirl.console import Progress
 from pirl.data import open_source
 from pirl.data.sampler import seed_everything
-from pirl.data.views import maximal_hamming_permutations, normalize
+from pirl.data.views import normalize
 from pirl.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -40,7 +40,7 @@ from pirl.distributed import (
 )
 from pirl.kernels.colour import resolve_colour_backend
 from pirl.logs import RunLogger
-from pirl.methods import Objective, build_model, build_objective, get_method
+from pirl.methods import Objective, build_model, build_objective, permutation_set
 from pirl.run import (
     LoopState,
     RunResult,
@@ -112,11 +112,9 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
     dev = env.device
     channels_last = cfg.train.channels_last and dev.type == "cuda"
 
-    permutations = None
-    if get_method(cfg).needs_permutations:
-        permutations = (ckpt["permutations"] if ckpt is not None else
-                        maximal_hamming_permutations(cfg.objective.num_permutations,
-                                                     cfg.views.grid, seed=cfg.train.seed))
+    # The Jigsaw baseline's set, or PIRL's |T| orders: built from train.seed, kept on resume.
+    permutations = permutation_set(cfg, cfg.train.seed, None if ckpt is None else
+                                   ckpt.get("permutations"), resuming=ckpt is not None)
     model = build_model(cfg).to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -43,7 +43,8 @@ from torch import Tensor
 
 from pirl.config import ViewConfig
 from pirl.kernels.colour import photometric_jobs
-from pirl.kernels.colour_job import ColourJob
+from pirl.kernels.colour_job import ColourJob, OpParams
+from pirl.presets import photo_ops
 
 # Aspect-ratio range of every random resized crop (the usual 3/4 .. 4/3).
 RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
@@ -143,6 +144,7 @@ class Photometric:
     grayscale: Tensor  # bool [B]
     flip: Tensor  # bool [B] horizontal flip
     jitter_order: tuple[int, ...] = (0, 1, 2, 3)
+    ops: OpParams | None = None  # the optional operations (views.photometric_ops); None: off
 
     def __len__(self) -> int:
         return int(self.factors.shape[0])
@@ -166,7 +168,7 @@ class Photometric:
     def index(self, idx: Tensor | slice) -> Photometric:
         """The parameters of items ``idx`` (Long [K] or a slice), same jitter order."""
         return replace(self, factors=self.factors[idx], grayscale=self.grayscale[idx],
-                       flip=self.flip[idx])
+                       flip=self.flip[idx], ops=None if self.ops is None else self.ops.index(idx))
 
 
 def identity_photometric(n: int) -> Photometric:
@@ -186,6 +188,7 @@ def sample_photometric(n: int, cfg: ViewConfig,
     saturation factors uniform in ``[max(0, 1 - s), 1 + s]`` and hue shift uniform in
     ``[-hue, hue]`` (otherwise the identity factors); grayscale with ``grayscale_prob``; a
     horizontal flip with ``flip_prob``.  One random order of the four jitter operations per call.
+    With ``photometric_ops`` set, then the parameters of those operations (:func:`sample_ops`).
     """
     # One generator call for all the random numbers; the arithmetic on ~60 floats is cheaper in
     # Python than as a dozen tiny tensor ops.
@@ -201,8 +204,23 @@ def sample_photometric(n: int, cfg: ViewConfig,
     first = u[0][7] if n else 0.0
     keys = [first, *(_uniform(generator, 3).tolist())]
     order = tuple(sorted(range(4), key=keys.__getitem__))
+    names = photo_ops(cfg.photometric_ops)
+    # Drawn after everything else and only when on, so that a run without them draws the same
+    # numbers as before they existed.
+    ops = sample_ops(n, names, cfg.photometric_prob, generator) if names else None
     return Photometric(torch.tensor(factors, dtype=torch.float32).view(n, 4), flags[:, 0],
-                       flags[:, 1], order)
+                       flags[:, 1], order, ops)
+
+
+def sample_ops(n: int, names: tuple[str, ...], prob: float,
+               generator: torch.Generator | None = None) -> OpParams:
+    """Parameters of the optional operations ``names`` for ``n`` items, with the magnitudes of
+    the authors' release: each item gets all of them with probability ``prob``; posterize keeps
+    4..8 bits, sharpness factor uniform in [0.1, 1.9], solarize threshold 0..256 (uniform
+    integers, both ends included)."""
+    u = _uniform(generator, n, 4).double()  # [n, 4]: coin, bits, sharpness, threshold
+    return OpParams(names, u[:, 0] < prob, 4 + (u[:, 1] * 5).long().clamp_(max=4),
+                    0.1 + 1.8 * u[:, 2], (u[:, 3] * 257).long().clamp_(max=256))
 
 
 @overload

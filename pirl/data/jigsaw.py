@@ -66,10 +66,13 @@ class JigsawView:
         rotate: rotate the resized crop by a random multiple of 90 degrees before cutting
             (PIRL's Jigsaw+Rotation pretext: rotate first, then cut the patches).
         generator: optional ``torch.Generator`` (default: torch's global generator).
+        orders: optional Long ``[K,P]`` set of permutations: a shuffled view takes its order
+            from a uniformly drawn row instead of any of the P! (PIRL with a fixed |T|).
     """
 
     def __init__(self, cfg: ViewConfig, photometric: bool = True, shuffle: bool = True,
-                 rotate: bool = False, generator: torch.Generator | None = None) -> None:
+                 rotate: bool = False, generator: torch.Generator | None = None,
+                 orders: Tensor | None = None) -> None:
         if cfg.patch > cfg.cell or cfg.grid * cfg.cell > cfg.jigsaw_crop:
             raise ValueError(f"jigsaw geometry does not fit: grid={cfg.grid} x cell={cfg.cell} "
                              f"in jigsaw_crop={cfg.jigsaw_crop}, patch={cfg.patch}")
@@ -78,6 +81,9 @@ class JigsawView:
         self.shuffle = shuffle
         self.rotate = rotate
         self.generator = generator
+        if orders is not None and (orders.dim() != 2 or orders.shape[1] != cfg.grid**2):
+            raise ValueError(f"orders: expected [K, {cfg.grid**2}], got {list(orders.shape)}")
+        self.orders = None if orders is None else orders.long()
 
     @property
     def num_patches(self) -> int:
@@ -120,7 +126,12 @@ class JigsawView:
         P, p, cell, grid = self.num_patches, cfg.patch, cfg.cell, cfg.grid
         # Independent offset per cell and direction, uniform over 0..cell-patch inclusive.
         offsets = torch.randint(cell - p + 1, (P, 2), generator=g)
-        order = torch.randperm(P, generator=g) if self.shuffle else torch.arange(P)
+        if not self.shuffle:
+            order = torch.arange(P)
+        elif self.orders is None:
+            order = torch.randperm(P, generator=g)
+        else:
+            order = self.orders[int(torch.randint(len(self.orders), (1,), generator=g))]
         offs = offsets.tolist()
         tops = [(c // grid) * cell + offs[c][0] for c in range(P)]
         lefts = [(c % grid) * cell + offs[c][1] for c in range(P)]

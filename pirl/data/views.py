@@ -204,7 +204,8 @@ class TrainTransform:
     random numbers are drawn in the same order either way, so a seeded sample gets the same
     pixels in both modes.
 
-    ``permutations`` Long ``[n, P]`` is the permutation set of ``patches="permutation"``.
+    ``permutations`` Long ``[n, P]`` is the permutation set of ``patches="permutation"``; with
+    ``patches="shuffled"`` it is optional: the orders are drawn from it instead of all P!.
     Picklable (DataLoader workers); randomness from torch's global generator unless one is given.
     """
 
@@ -226,8 +227,10 @@ class TrainTransform:
         self.permutations: Tensor | None = None
         if views.patches is not None:
             # "permutation": row-major cells; the order comes from the permutation set instead.
-            self.jigsaw_view = JigsawView(cfg, shuffle=views.patches == "shuffled",
-                                          rotate=views.rotate_patches, generator=generator)
+            shuffled = views.patches == "shuffled"
+            self.jigsaw_view = JigsawView(cfg, shuffle=shuffled, rotate=views.rotate_patches,
+                                          generator=generator,
+                                          orders=permutations if shuffled else None)
         if views.patches == "permutation":
             if permutations is None:
                 raise ValueError("patches='permutation' needs the permutation set")

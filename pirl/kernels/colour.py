@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from pirl.config import COLOUR_BACKENDS, ConfigError
 from pirl.kernels.colour_job import ColourJob, check_jobs
+from pirl.kernels.colour_ops import apply_ops_, without_grayscale
 from pirl.kernels.colour_torch import colour_checked_jobs, flip_job_outputs_
 
 
@@ -50,11 +51,16 @@ def photometric_jobs(jobs: Sequence[ColourJob], backend: str = "auto") -> None:
     ``backend``: one of :data:`pirl.config.COLOUR_BACKENDS`; numba runs on CPU tensors only
     (``"auto"`` falls back to torch for other devices).  Each backend gives a batch of jobs bit
     for bit the pixels of one call per job; the two backends agree to float rounding (one grey
-    level on a few values in a million).
+    level on a few values in a million).  Jobs whose parameters carry ``ops`` (the optional
+    posterize / sharpness / solarize / autocontrast / equalize) get them after the jitter and
+    before their grayscale, on uint8 (:mod:`pirl.kernels.colour_ops`, the same for both engines).
     """
     if not jobs:
         return
     shapes = check_jobs(jobs)
+    with_ops = [job for job in jobs if job.params.ops is not None]
+    if with_ops:  # the optional operations run on uint8, after the engine (colour_ops)
+        jobs = without_grayscale(jobs)
     resolved = resolve_colour_backend(backend)
     on_cpu = all(t.device.type == "cpu" for job in jobs for t in (*job.sources, *job.outs))
     if resolved == "numba" and not on_cpu:
@@ -67,6 +73,7 @@ def photometric_jobs(jobs: Sequence[ColourJob], backend: str = "auto") -> None:
         from pirl.kernels import colour_numba
 
         colour_numba.photometric_jobs(jobs)
-        return
-    colour_checked_jobs(jobs, shapes)
-    flip_job_outputs_(jobs)
+    else:
+        colour_checked_jobs(jobs, shapes)
+        flip_job_outputs_(jobs)
+    apply_ops_(with_ops)

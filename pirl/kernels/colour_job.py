@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from pirl.presets import PHOTO_OP_NAMES
+
 # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale uses for tensors.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
@@ -24,7 +26,8 @@ class ColourParams(Protocol):
 
     ``factors`` float ``[B,4]``: (brightness, contrast, saturation, hue shift in turns);
     ``grayscale``, ``flip`` bool ``[B]``; ``jitter_order``: the operations (0 brightness,
-    1 contrast, 2 saturation, 3 hue) in the order they are applied to every item.
+    1 contrast, 2 saturation, 3 hue) in the order they are applied to every item; ``ops``: the
+    optional operations after the jitter (:class:`OpParams`), None when off.
     """
 
     @property
@@ -38,6 +41,9 @@ class ColourParams(Protocol):
 
     @property
     def jitter_order(self) -> tuple[int, ...]: ...
+
+    @property
+    def ops(self) -> OpParams | None: ...
 
     def __len__(self) -> int: ...
 
@@ -84,5 +90,36 @@ def check_jobs(jobs: Sequence[ColourJob]) -> list[tuple[tuple[int, int, int], ..
         if len(job.params) != n:
             raise ValueError(f"{len(job.params)} photometric parameter sets for {n} views")
         check_order(job.params.jitter_order)
+        ops = job.params.ops
+        if ops is not None and (len(ops) != n or not set(ops.names) <= set(PHOTO_OP_NAMES)):
+            raise ValueError(f"photometric operations {ops.names} for {len(ops)} of {n} views "
+                             f"(expected names of {PHOTO_OP_NAMES}, one parameter set per view)")
         shapes.append(tuple((v.shape[0], v.shape[2], v.shape[3]) for v in job.sources))
     return shapes
+
+
+@dataclass
+class OpParams:
+    """Per-item parameters of the optional photometric operations of B items
+    (:mod:`pirl.kernels.colour_ops`).
+
+    ``names``: the operations (of :data:`pirl.presets.PHOTO_OP_NAMES`) in the order they are
+    applied, shared by the items; ``apply`` bool ``[B]``: whether an item gets all of them (one
+    coin per item, as torchvision's ``RandomApply`` over the list); ``bits`` Long ``[B]``:
+    posterize's kept bits; ``sharpness`` float64 ``[B]``: the sharpness factor; ``threshold``
+    Long ``[B]``: solarize's threshold (256 changes nothing).
+    """
+
+    names: tuple[str, ...]
+    apply: Tensor
+    bits: Tensor
+    sharpness: Tensor
+    threshold: Tensor
+
+    def __len__(self) -> int:
+        return int(self.apply.shape[0])
+
+    def index(self, idx: Tensor | slice) -> OpParams:
+        """The parameters of items ``idx`` (Long [K] or a slice), same operations."""
+        return OpParams(self.names, self.apply[idx], self.bits[idx], self.sharpness[idx],
+                        self.threshold[idx])

@@ -138,6 +138,7 @@ def fit_to_dataset(cfg: Config, dataset_size: int, source: ImageSource | None = 
         raise ConfigError(f"dataset has {dataset_size} image(s): need at least 2")
     notes: list[str] = []
     method = get_method(cfg)
+    permutation_count(cfg)  # refuses a |T| the views cannot use, before the run folder is made
     uses_bank = method.uses_bank
     if uses_bank and cfg.is_explicit("objective.num_negatives"):
         check_explicit_negatives(o.num_negatives, dataset_size)
@@ -174,19 +175,52 @@ def build_objective(cfg: Config, dataset_size: int,
     return get_method(cfg).build_objective(cfg, dataset_size, device)
 
 
+def permutation_count(cfg: Config) -> int:
+    """The size of the fixed permutation set the views of ``cfg`` draw from; 0: none.
+
+    ``objective.num_permutations`` for a method that ``needs_permutations`` (the Jigsaw
+    baseline); ``objective.num_pirl_permutations`` (0 = any of P!) for views with shuffled
+    patches (PIRL's jigsaw pretexts).  A non-zero ``num_pirl_permutations`` for views without
+    shuffled patches is a ConfigError: it would change nothing."""
+    method, k = get_method(cfg), cfg.objective.num_pirl_permutations
+    if method.needs_permutations:
+        return cfg.objective.num_permutations
+    if k and method.views(cfg).patches != "shuffled":
+        raise ConfigError(f"objective.num_pirl_permutations={k}: method {method.name!r} with "
+                          f"pretext {cfg.objective.pretext!r} shuffles no jigsaw patches")
+    return k
+
+
+def permutation_set(cfg: Config, seed: int, saved: Tensor | None = None,
+                    resuming: bool = False) -> Tensor | None:
+    """The permutation set of a run (Long ``[n,P]``, or None when :func:`permutation_count` is
+    0): ``maximal_hamming_permutations(count, views.grid, seed)``, the same call for the Jigsaw
+    baseline and PIRL, or, when ``resuming``, the set ``saved`` in the checkpoint, which must
+    have the size the config asks for (ConfigError otherwise)."""
+    k = permutation_count(cfg)
+    if resuming:
+        if (saved is None) != (k == 0) or (saved is not None and len(saved) != k):
+            have = 0 if saved is None else len(saved)
+            raise ConfigError(f"the checkpoint holds {have} jigsaw permutations but this run asks "
+                              f"for {k} (0 = none / all P!); use another --out folder or the "
+                              "same objective.num_permutations / num_pirl_permutations")
+        return saved
+    return maximal_hamming_permutations(k, cfg.views.grid, seed=seed) if k else None
+
+
 def build_train_transform(cfg: Config, permutations: Tensor | None = None,
                           defer_colour: bool = False) -> TrainTransform:
     """The training transform of ``cfg.objective.method`` (its :class:`Method` ``views``).
 
-    ``permutations`` Long ``[n, P]``: the permutation set of a method that ``needs_permutations``;
-    when None, ``maximal_hamming_permutations(objective.num_permutations, views.grid, seed=0)``.
-    With ``defer_colour`` the colour is left to :class:`pirl.data.views.ColourCollate`."""
+    ``permutations`` Long ``[n, P]``: the permutation set of the views (:func:`permutation_count`
+    > 0); when None, :func:`permutation_set` with seed 0.  With ``defer_colour`` the colour is
+    left to :class:`pirl.data.views.ColourCollate`."""
     method = get_method(cfg)
-    if method.needs_permutations and permutations is None:
-        permutations = maximal_hamming_permutations(cfg.objective.num_permutations,
-                                                    cfg.views.grid, seed=0)
+    if permutations is None:
+        permutations = permutation_set(cfg, seed=0)
     return TrainTransform(cfg.views, method.views(cfg), permutations, defer_colour=defer_colour)
 
 
 __all__ = ["METHODS", "REGISTRY", "Method", "Objective", "build_model", "build_objective",
-           "build_train_transform", "fit_to_dataset", "get_method"]
+           "build_train_transform", "fit_to_dataset", "get_method", "permutation_count",
+           "permutation_set"]

@@ -1,0 +1,164 @@
+"""The optional photometric operations (posterize, sharpness, solarize, autocontrast, equalize)
+and the grayscale that follows them, on uint8 views, one item at a time.
+
+Why a pass of its own: the colour engines keep the jitter's pixels in float and round once, but
+these operations are defined on uint8 pixels (torchvision's and PIL's references are integer
+look-up tables, or round the blur to uint8), so they run on the engines' uint8 output.  The
+authors' release applies them after the colour jitter and before the random grayscale, so when
+they are on the engines leave the grayscale out (:func:`without_grayscale`) and
+:func:`apply_ops_` does it here, after them, as torchvision's ``rgb_to_grayscale`` on uint8
+(truncating).  The flip that the engines have already applied commutes with all of it (each
+operation acts on a pixel, a 3 x 3 symmetric neighbourhood or a whole-image histogram).
+
+Each item is processed on its own, with the same torch calls whichever batch it arrives in,
+so a batch of jobs gives bit for bit the pixels of one call per item; the engine (torch or
+numba) only computes the jitter before.  Against the references (``tests/test_photo_ops.py``):
+posterize, solarize, equalize and grayscale are exact integer arithmetic (torchvision and PIL);
+autocontrast and sharpness repeat torchvision's ``v2.functional`` float operations and equal it
+bit for bit; PIL's sharpness (an integer-rounded smoothing filter) is within 1 grey level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pirl.kernels.colour_job import ColourJob, ColourParams, OpParams
+
+# The 3 x 3 smoothing of the sharpness operation (PIL's ImageFilter.SMOOTH: 1s around a 5).
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+
+
+def posterize(x: Tensor, bits: int) -> Tensor:
+    """Keep the top ``bits`` (0..8) bits of every uint8 value of ``x``."""
+    return x & (((1 << bits) - 1) << (8 - bits))
+
+
+def solarize(x: Tensor, threshold: int) -> Tensor:
+    """Invert (255 - v) every uint8 value ``v >= threshold``; 256 changes nothing."""
+    return torch.where(x >= threshold, 255 - x, x)
+
+
+def autocontrast(x: Tensor) -> Tensor:
+    """Stretch each channel of uint8 ``[3,H,W]`` to 0..255: ``(v - min) / ((max - min) / 255)``
+    in float32, truncated; a constant channel is left as it is."""
+    f = x.float()
+    lo = f.amin(dim=(-2, -1), keepdim=True)
+    span = f.amax(dim=(-2, -1), keepdim=True).sub_(lo).mul_(1.0 / 255.0)
+    flat = span == 0
+    lo[flat] = 0.0
+    span[flat] = 1.0
+    return f.sub_(lo).div_(span).clamp_(0, 255).to(torch.uint8)
+
+
+def equalize(x: Tensor) -> Tensor:
+    """Histogram equalisation of each channel of uint8 ``[3,H,W]`` by PIL's rule: with h the
+    channel's histogram and ``step = (#pixels - h[last used value]) // 255``, value v maps to
+    ``min(255, (sum(h[:v]) + step // 2) // step)``; a channel with step 0 is left as it is."""
+    out = x.clone()
+    for c in range(x.shape[0]):
+        hist = torch.bincount(x[c].reshape(-1).long(), minlength=256)
+        last = int(hist.nonzero().max())
+        step = (int(hist.sum()) - int(hist[last])) // 255
+        if step == 0:
+            continue
+        before = torch.cumsum(hist, 0) - hist  # sum(h[:v]) for every v
+        lut = ((before + step // 2) // step).clamp_(max=255).to(torch.uint8)
+        out[c] = lut[x[c].long()]
+    return out
+
+
+def sharpness(x: Tensor, factor: float) -> Tensor:
+    """torchvision's ``adjust_sharpness`` on uint8 ``[3,H,W]``: blend the image with its 3 x 3
+    smoothing (rounded to integers; the one-pixel border keeps the image) by ``factor`` (0 =
+    smooth, 1 = unchanged, 2 = sharper), in float32, clamped and truncated."""
+    if x.shape[-1] <= 2 or x.shape[-2] <= 2:
+        return x.clone()
+    out = x.float()
+    blurred = F.conv2d(out[None], _SMOOTH.expand(3, 1, 3, 3), groups=3)[0].round_()
+    inner = out[:, 1:-1, 1:-1]
+    inner.add_(blurred.sub_(inner), alpha=1.0 - factor)
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def grayscale(x: Tensor) -> Tensor:
+    """torchvision's ``rgb_to_grayscale`` on uint8 ``[3,H,W]`` (ITU-R 601-2 luma, truncated),
+    repeated on the 3 channels."""
+    r, g, b = x.float().unbind(0)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).to(torch.uint8).expand(3, -1, -1)
+
+
+def apply_item(x: Tensor, ops: OpParams, i: int, gray: bool) -> Tensor:
+    """Item ``i``'s operations (when ``ops.apply[i]``), then its grayscale (when ``gray``), on
+    uint8 ``[3,H,W]``; returns a new tensor (or ``x`` itself when nothing applies)."""
+    if bool(ops.apply[i]):
+        for name in ops.names:
+            if name == "posterize":
+                x = posterize(x, int(ops.bits[i]))
+            elif name == "solarize":
+                x = solarize(x, int(ops.threshold[i]))
+            elif name == "sharpness":
+                x = sharpness(x, float(ops.sharpness[i]))
+            elif name == "autocontrast":
+                x = autocontrast(x)
+            else:
+                x = equalize(x)
+    return grayscale(x) if gray else x
+
+
+@dataclass
+class _NoGray:
+    """A job's parameters with the grayscale left out (it comes after the operations)."""
+
+    inner: ColourParams
+
+    @property
+    def factors(self) -> Tensor:
+        return self.inner.factors
+
+    @property
+    def grayscale(self) -> Tensor:
+        return torch.zeros_like(self.inner.grayscale)
+
+    @property
+    def flip(self) -> Tensor:
+        return self.inner.flip
+
+    @property
+    def jitter_order(self) -> tuple[int, ...]:
+        return self.inner.jitter_order
+
+    @property
+    def ops(self) -> OpParams | None:
+        return None
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def without_grayscale(jobs: Sequence[ColourJob]) -> list[ColourJob]:
+    """The jobs as the colour engines must run them: those with operations lose their grayscale
+    (:func:`apply_ops_` does it after the operations); the others are unchanged."""
+    return [ColourJob(j.sources, j.outs, _NoGray(j.params)) if j.params.ops is not None else j
+            for j in jobs]
+
+
+def apply_ops_(jobs: Sequence[ColourJob]) -> None:
+    """After the engine: the operations and then the grayscale of every item of the jobs that
+    have operations, in place in their outs."""
+    for job in jobs:
+        ops = job.params.ops
+        if ops is None:
+            continue
+        gray = job.params.grayscale.tolist()
+        i = 0
+        for out in job.outs:
+            for item in out:  # [3,H,W] views into the job's output
+                new = apply_item(item, ops, i, gray[i])
+                if new is not item:
+                    item.copy_(new)
+                i += 1
