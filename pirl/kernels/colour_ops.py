@@ -5,10 +5,12 @@ Why a pass of its own: the colour engines keep the jitter's pixels in float and 
 these operations are defined on uint8 pixels (torchvision's and PIL's references are integer
 look-up tables, or round the blur to uint8), so they run on the engines' uint8 output.  The
 authors' release applies them after the colour jitter and before the random grayscale, so when
-they are on the engines leave the grayscale out (:func:`without_grayscale`) and
-:func:`apply_ops_` does it here, after them, as torchvision's ``rgb_to_grayscale`` on uint8
-(truncating).  The flip that the engines have already applied commutes with all of it (each
-operation acts on a pixel, a 3 x 3 symmetric neighbourhood or a whole-image histogram).
+an item gets them (one coin per item) the engines leave its grayscale out
+(:func:`without_grayscale`) and :func:`apply_ops_` does it here, after them, as torchvision's
+``rgb_to_grayscale`` on uint8 (truncating); an item whose coin says no is coloured exactly as
+with the operations off.  The flip that the engines have already applied commutes with all of
+it (each operation acts on a pixel, a 3 x 3 symmetric neighbourhood or a whole-image histogram;
+the blur's float sums up to rounding).
 
 Each item is processed on its own, with the same torch calls whichever batch it arrives in,
 so a batch of jobs gives bit for bit the pixels of one call per item; the engine (torch or
@@ -40,6 +42,8 @@ def posterize(x: Tensor, bits: int) -> Tensor:
 
 def solarize(x: Tensor, threshold: int) -> Tensor:
     """Invert (255 - v) every uint8 value ``v >= threshold``; 256 changes nothing."""
+    if threshold > 255:  # compared with a uint8 tensor, 256 would wrap round to 0
+        return x
     return torch.where(x >= threshold, 255 - x, x)
 
 
@@ -93,28 +97,29 @@ def grayscale(x: Tensor) -> Tensor:
 
 
 def apply_item(x: Tensor, ops: OpParams, i: int, gray: bool) -> Tensor:
-    """Item ``i``'s operations (when ``ops.apply[i]``), then its grayscale (when ``gray``), on
-    uint8 ``[3,H,W]``; returns a new tensor (or ``x`` itself when nothing applies)."""
-    if bool(ops.apply[i]):
-        for name in ops.names:
-            if name == "posterize":
-                x = posterize(x, int(ops.bits[i]))
-            elif name == "solarize":
-                x = solarize(x, int(ops.threshold[i]))
-            elif name == "sharpness":
-                x = sharpness(x, float(ops.sharpness[i]))
-            elif name == "autocontrast":
-                x = autocontrast(x)
-            else:
-                x = equalize(x)
+    """Item ``i``'s operations, then its grayscale (when ``gray``), on uint8 ``[3,H,W]``;
+    returns a new tensor.  Only for items with ``ops.apply[i]``: the others are the engine's."""
+    for name in ops.names:
+        if name == "posterize":
+            x = posterize(x, int(ops.bits[i]))
+        elif name == "solarize":
+            x = solarize(x, int(ops.threshold[i]))
+        elif name == "sharpness":
+            x = sharpness(x, float(ops.sharpness[i]))
+        elif name == "autocontrast":
+            x = autocontrast(x)
+        else:
+            x = equalize(x)
     return grayscale(x) if gray else x
 
 
 @dataclass
 class _NoGray:
-    """A job's parameters with the grayscale left out (it comes after the operations)."""
+    """A job's parameters with the grayscale of the items that get the operations left out (it
+    comes after them)."""
 
     inner: ColourParams
+    ops: OpParams
 
     @property
     def factors(self) -> Tensor:
@@ -122,7 +127,7 @@ class _NoGray:
 
     @property
     def grayscale(self) -> Tensor:
-        return torch.zeros_like(self.inner.grayscale)
+        return self.inner.grayscale & ~self.ops.apply
 
     @property
     def flip(self) -> Tensor:
@@ -132,19 +137,19 @@ class _NoGray:
     def jitter_order(self) -> tuple[int, ...]:
         return self.inner.jitter_order
 
-    @property
-    def ops(self) -> OpParams | None:
-        return None
-
     def __len__(self) -> int:
         return len(self.inner)
 
 
 def without_grayscale(jobs: Sequence[ColourJob]) -> list[ColourJob]:
-    """The jobs as the colour engines must run them: those with operations lose their grayscale
-    (:func:`apply_ops_` does it after the operations); the others are unchanged."""
-    return [ColourJob(j.sources, j.outs, _NoGray(j.params)) if j.params.ops is not None else j
-            for j in jobs]
+    """The jobs as the colour engines must run them: the items that get operations lose their
+    grayscale (:func:`apply_ops_` does it after the operations); the rest is unchanged, so an
+    item whose coin says no is coloured exactly as with the operations off."""
+    out = []
+    for j in jobs:
+        ops = j.params.ops
+        out.append(j if ops is None else ColourJob(j.sources, j.outs, _NoGray(j.params, ops)))
+    return out
 
 
 def apply_ops_(jobs: Sequence[ColourJob]) -> None:
@@ -154,11 +159,10 @@ def apply_ops_(jobs: Sequence[ColourJob]) -> None:
         ops = job.params.ops
         if ops is None:
             continue
-        gray = job.params.grayscale.tolist()
+        gray, apply = job.params.grayscale.tolist(), ops.apply.tolist()
         i = 0
         for out in job.outs:
             for item in out:  # [3,H,W] views into the job's output
-                new = apply_item(item, ops, i, gray[i])
-                if new is not item:
-                    item.copy_(new)
+                if apply[i]:
+                    item.copy_(apply_item(item, ops, i, gray[i]))
                 i += 1
