@@ -213,11 +213,11 @@ def build_train_transform(cfg: Config, permutations: Tensor | None = None,
     """The training transform of ``cfg.objective.method`` (its :class:`Method` ``views``).
 
     ``permutations`` Long ``[n, P]``: the permutation set of the views (:func:`permutation_count`
-    > 0); when None, :func:`permutation_set` with seed 0.  With ``defer_colour`` the colour is
-    left to :class:`pirl.data.views.ColourCollate`."""
+    > 0); when None, :func:`permutation_set` with ``train.seed``, the set training builds.  With
+    ``defer_colour`` the colour is left to :class:`pirl.data.views.ColourCollate`."""
     method = get_method(cfg)
     if permutations is None:
-        permutations = permutation_set(cfg, seed=0)
+        permutations = permutation_set(cfg, seed=cfg.train.seed)
     return TrainTransform(cfg.views, method.views(cfg), permutations, defer_colour=defer_colour)
 
 
