@@ -16,7 +16,7 @@ from pirl.data.augment import Photometric, apply_photometric, sample_photometric
 from pirl.data.views import ColourCollate
 from pirl.kernels import colour_ops as O
 from pirl.kernels.colour import numba_available
-from pirl.kernels.colour_job import OpParams
+from pirl.kernels.colour_job import ColourJob, OpParams
 from pirl.methods import build_train_transform
 from pirl.presets import RELEASE_PHOTO_OPS, photo_ops, view_preset
 
@@ -41,6 +41,15 @@ def _pil(x: torch.Tensor) -> Image.Image:
 
 def _from_pil(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def _agree(got: torch.Tensor, want: torch.Tensor, exact: bool) -> bool:
+    """Bit for bit, or (numba's float blur and grayscale: another order of the same float
+    operations) at most one grey level on at most one value in a thousand."""
+    d = (got.int() - want.int()).abs()
+    if exact:
+        return bool(torch.equal(got, want))
+    return int(d.max()) <= 1 and int((d > 0).sum()) <= max(1, d.numel() // 1000)
 
 
 def _ops(names: tuple[str, ...], n: int, bits: int = 5, factor: float = 1.0,
@@ -76,8 +85,8 @@ CASES = [
 def test_each_op_through_the_pipeline_equals_torchvision_and_pil(
         backend: str, name: str, kw: dict, tv, pil, pil_tol: int) -> None:
     """One operation, no jitter, no grayscale: apply_photometric (the batched call of training)
-    gives torchvision's result bit for bit on every image, flipped ones included, and PIL's
-    within ``pil_tol``."""
+    gives torchvision's result bit for bit on every image, flipped ones included (numba's
+    sharpness: within float rounding, see :func:`_agree`), and PIL's within ``pil_tol``."""
     x = _images(6)
     n = len(x)
     flip = torch.tensor([i % 2 == 1 for i in range(n)])
@@ -87,7 +96,7 @@ def test_each_op_through_the_pipeline_equals_torchvision_and_pil(
     for i in range(n):
         src = x[i].flip(-1) if flip[i] else x[i]
         want = tv(src)
-        assert torch.equal(got[i], want), (name, i)
+        assert _agree(got[i], want, backend == "torch" or name != "sharpness"), (name, i)
         ref = _from_pil(pil(_pil(src)))
         assert int((got[i].int() - ref.int()).abs().max()) <= pil_tol, (name, i)
 
@@ -121,7 +130,7 @@ def test_release_ops_come_after_the_jitter_and_before_the_grayscale(backend: str
         y = TF2.autocontrast(y)
         if p.grayscale[i]:
             y = TF2.rgb_to_grayscale(y, num_output_channels=3)
-        assert torch.equal(got[i], y), i
+        assert _agree(got[i], y, backend == "torch"), i
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,3 +195,27 @@ def test_grayscale_matches_torchvision() -> None:
     x = _images(3)
     for i in range(3):
         assert torch.equal(O.grayscale(x[i]), TF2.rgb_to_grayscale(x[i], num_output_channels=3))
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba not installed (pip install 'pirl[fast]')")
+def test_numba_pass_agrees_with_the_torch_pass_on_many_pixels() -> None:
+    """Every operation and the grayscale on 64 x 64 noise, numba against torch, item by item:
+    the integer operations and autocontrast bit for bit, everything within :func:`_agree`."""
+    from pirl.kernels.colour_ops_numba import apply_ops_ as numba_ops
+
+    x = _images(12, 64, 64, seed=4)
+    n = len(x)
+    g = torch.Generator().manual_seed(4)
+    names = ("equalize", "autocontrast", "posterize", "solarize", "sharpness")
+    ops = OpParams(names, torch.rand(n, generator=g) < 0.8, torch.randint(4, 9, (n,), generator=g),
+                   0.1 + 1.8 * torch.rand(n, generator=g, dtype=torch.float64),
+                   torch.randint(0, 257, (n,), generator=g))
+    p = Photometric(torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
+                    torch.rand(n, generator=g) < 0.5, torch.zeros(n, dtype=torch.bool), ops=ops)
+    a, b = x.clone(), x.clone()
+    O.apply_ops_([ColourJob([x], [a], p)])
+    numba_ops([ColourJob([x], [b], p)])
+    assert _agree(a, b, exact=False)
+    for i in range(n):
+        if not ops.apply[i]:
+            assert torch.equal(a[i], x[i]) and torch.equal(b[i], x[i])

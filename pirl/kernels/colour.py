@@ -53,7 +53,8 @@ def photometric_jobs(jobs: Sequence[ColourJob], backend: str = "auto") -> None:
     for bit the pixels of one call per job; the two backends agree to float rounding (one grey
     level on a few values in a million).  Jobs whose parameters carry ``ops`` (the optional
     posterize / sharpness / solarize / autocontrast / equalize) get them after the jitter and
-    before their grayscale, on uint8 (:mod:`pirl.kernels.colour_ops`, the same for both engines).
+    before their grayscale, on uint8 (:mod:`pirl.kernels.colour_ops`; numba:
+    :mod:`pirl.kernels.colour_ops_numba`).
     """
     if not jobs:
         return
@@ -73,7 +74,11 @@ def photometric_jobs(jobs: Sequence[ColourJob], backend: str = "auto") -> None:
         from pirl.kernels import colour_numba
 
         colour_numba.photometric_jobs(jobs)
-    else:
-        colour_checked_jobs(jobs, shapes)
-        flip_job_outputs_(jobs)
+        if with_ops:
+            from pirl.kernels import colour_ops_numba
+
+            colour_ops_numba.apply_ops_(with_ops)
+        return
+    colour_checked_jobs(jobs, shapes)
+    flip_job_outputs_(jobs)
     apply_ops_(with_ops)
