@@ -10,6 +10,9 @@ reference it is tested against.  Reading the method does not require reading thi
   :mod:`pirl.kernels.colour_torch` (batched torch operations) and
   :mod:`pirl.kernels.colour_numba` (one compiled loop per image row) are the engines, and
   :mod:`pirl.kernels.colour_reference` (torchvision, one image at a time) the reference.
+  The optional posterize / sharpness / solarize / autocontrast / equalize
+  (``views.photometric_ops``) run after the engine on uint8: :mod:`pirl.kernels.colour_ops`
+  (torch, equal to torchvision's ``v2.functional``) and :mod:`pirl.kernels.colour_ops_numba`.
 
 Both colour engines stay because each earns its place: the numba one makes the training views
 clearly faster than the torch one (docs/performance.md), and the torch one needs no optional
