@@ -383,8 +383,8 @@ def validate(cfg: Config) -> None:
            "must be in [0, 1)")
     _check(o.num_permutations >= 2, "objective.num_permutations", o.num_permutations,
            "need at least 2 permutations")
-    _check(0 <= o.num_pirl_permutations <= (t_max := math.factorial(v.grid**2)), "objective."
-           "num_pirl_permutations", o.num_pirl_permutations, f"0 (all) or 1..{t_max}")
+    _check(o.num_pirl_permutations in range(math.factorial(v.grid**2) + 1), "objective.num_pirl_"
+           "permutations", o.num_pirl_permutations, f"0 (all) or 1..{math.factorial(v.grid**2)}")
     _check(o.num_classes >= 0, "objective.num_classes", o.num_classes,
            "must be non-negative (0: not known yet)")
     _check(op.epochs >= 1, "optim.epochs", op.epochs, "must be at least 1")
