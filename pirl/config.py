@@ -63,8 +63,7 @@ class ViewConfig:
     jitter_prob: float = _f(1.0, "probability of applying colour jitter to a view / patch")
     grayscale_prob: float = _f(0.2, "probability of converting a view / patch to grayscale")
     flip_prob: float = _f(0.5, "probability of a horizontal flip of a view / patch")
-    photometric_ops: str = _f("", "optional ops after the jitter: 'release' (posterize, sharpness, "
-                              "solarize, autocontrast) or names incl. equalize; '' = off (paper)")
+    photometric_ops: str = _f("", "ops after the jitter: 'release' or a comma list; '' = off")
     photometric_prob: float = _f(0.66, "probability a view / patch gets photometric_ops (release)")
     eval_resize: int = _f(256, "evaluation: resize the shorter side to this, then centre-crop "
                           "image_size")
@@ -104,8 +103,7 @@ class ObjectiveConfig:
     bank_momentum: float = _f(0.5, "memory bank update m <- normalize(momentum*m + (1-momentum)*f)")
     bank_dtype: str = _f("float32", f"storage dtype of the memory bank, one of {BANK_DTYPES}")
     num_permutations: int = _f(1000, "jigsaw baseline: size of the maximal-Hamming permutation set")
-    num_pirl_permutations: int = _f(0, "pirl: jigsaw orders from the jigsaw baseline's set of this "
-                                    "size (|T|, Fig. 7); 0 = any of the 9! (paper)")
+    num_pirl_permutations: int = _f(0, "pirl |T|: orders drawn from the jigsaw set; 0 = any of P!")
     num_classes: int = _f(0, "supervised: outputs of the classifier; unless set, the number of "
                           "classes of the training data, filled in when training starts "
                           "(config.yaml and the checkpoint record the number used)")
@@ -383,8 +381,6 @@ def validate(cfg: Config) -> None:
            "must be in [0, 1)")
     _check(o.num_permutations >= 2, "objective.num_permutations", o.num_permutations,
            "need at least 2 permutations")
-    _check(o.num_pirl_permutations in range(math.factorial(v.grid**2) + 1), "objective.num_pirl_"
-           "permutations", o.num_pirl_permutations, f"0 (all) or 1..{math.factorial(v.grid**2)}")
     _check(o.num_classes >= 0, "objective.num_classes", o.num_classes,
            "must be non-negative (0: not known yet)")
     _check(op.epochs >= 1, "optim.epochs", op.epochs, "must be at least 1")

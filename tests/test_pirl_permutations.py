@@ -67,8 +67,9 @@ def test_zero_keeps_any_order_and_other_views_refuse_a_size() -> None:
     cfg = _cfg(pretext="rotation", num_pirl_permutations=4)
     with pytest.raises(C.ConfigError, match="num_pirl_permutations=4"):
         fit_to_dataset(cfg, 100)
-    with pytest.raises(C.ConfigError, match="num_pirl_permutations"):
-        C.validate(_cfg(num_pirl_permutations=-1))
+    for bad in (-1, 362881):
+        with pytest.raises(C.ConfigError, match=f"num_pirl_permutations={bad}: 0 .all. or"):
+            fit_to_dataset(_cfg(num_pirl_permutations=bad), 100)
     # K = 0 draws exactly what the view drew before the option existed: a randperm.
     view = JigsawView(_cfg().views, photometric=False)
     torch.manual_seed(5)

@@ -21,6 +21,7 @@ This registry is the one place that tells the methods apart by name: everything 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -183,6 +184,9 @@ def permutation_count(cfg: Config) -> int:
     patches (PIRL's jigsaw pretexts).  A non-zero ``num_pirl_permutations`` for views without
     shuffled patches is a ConfigError: it would change nothing."""
     method, k = get_method(cfg), cfg.objective.num_pirl_permutations
+    most = math.factorial(cfg.views.grid**2)
+    if not 0 <= k <= most:
+        raise ConfigError(f"objective.num_pirl_permutations={k}: 0 (all) or 1..{most}")
     if method.needs_permutations:
         return cfg.objective.num_permutations
     if k and method.views(cfg).patches != "shuffled":
