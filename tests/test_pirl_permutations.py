@@ -97,3 +97,15 @@ def test_a_run_records_the_set_and_resumes_with_it(tmp_path: Path) -> None:
         pretrain(cfg(0), "synthetic", run, stop_after_steps=2)
     pretrain(cfg(6), "synthetic", run, stop_after_steps=2)
     assert torch.equal(safe_load(run / "checkpoint.pt")["permutations"], saved)
+
+
+def test_all_nine_factorial_orders_come_at_once() -> None:
+    """|T| = 9! (Fig. 7's last point): the set is every permutation, built without the greedy
+    rounds (O(9!^2)); smaller sets are still the greedy's (its first rows are the same pool's)."""
+    full = maximal_hamming_permutations(362_880, 3, seed=2)
+    assert full.shape == (362_880, 9)
+    assert torch.equal(full.sort(dim=1).values, torch.arange(9).expand(362_880, 9))
+    assert len(torch.unique(full, dim=0)) == 362_880
+    small = maximal_hamming_permutations(24, 2, seed=1)
+    assert len({tuple(r) for r in small.tolist()}) == 24
+    assert torch.equal(maximal_hamming_permutations(3, 3, seed=2)[0], full[0])

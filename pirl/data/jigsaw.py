@@ -167,6 +167,8 @@ def maximal_hamming_permutations(n: int, grid: int = 3, seed: int = 0) -> Tensor
        ties go to the largest *total* distance to the chosen set (Noroozi & Favaro's criterion),
        then to the earlier pool position.  Each candidate's minimum and total are updated with
        its distance to the newly chosen permutation only, so a round costs O(pool x P).
+    4. ``n`` = the whole pool (``P!``) skips the rounds: the set is every permutation, in the
+       shuffled pool's order (PIRL's |T| = 9! point of Fig. 7).
 
     The greedy set is not optimal (at n = 1000 its minimum distance is 5; a random set of that
     size has minimum distance 0) but it is the standard construction.
@@ -192,6 +194,10 @@ def maximal_hamming_permutations(n: int, grid: int = 3, seed: int = 0) -> Tensor
         pool = pool[rng.permutation(len(pool))]
         if n > len(pool):
             raise ValueError(f"n={n}: larger than the sampled pool of {len(pool)} permutations")
+    if n == len(pool):
+        # Every permutation: the greedy rounds would pick the whole pool (rows are unique), at a
+        # cost of O(P!^2) for the order alone; the shuffled pool is the same set.
+        return torch.from_numpy(pool.astype(np.int64))
     # matches[k, v] = 1 where a candidate shows item v at position k ([P, P, K] uint8): the
     # number of positions where a candidate agrees with permutation q is then the sum of the P
     # rows matches[k, q[k]], which is far faster than comparing [K, P] arrays row by row.
