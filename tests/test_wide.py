@@ -124,6 +124,14 @@ def test_wide_mlp_pirl_pretrains_a_step_exports_and_evaluates(tmp_path: Path) ->
     reloaded = em.full.state_dict()
     for k, v in heads.items():  # the MLP heads come back with the trained weights, not new ones
         assert torch.equal(reloaded[k], v), k
+    eval_parser = _eval_parser()
+    # The invariance protocol measures ||f(v_I) - g(v_I^t)|| through the MLP heads.
+    args = eval_parser.parse_args(["eval", "invariance", "--checkpoint", str(out / "checkpoint.pt"),
+                                   "--val-data", str(data), "--image-size", "32", "--workers",
+                                   "0", "--quiet", "--out", str(tmp_path / "inv")])
+    assert args.func(args) == 0
+    (m,) = json.loads((tmp_path / "inv" / "invariance.json").read_text())["models"].values()
+    assert 0.0 <= m["heads"]["mean"] <= 2.0
     # A resume that would rebuild other heads or another width is refused before any work.
     for change in ("model.head=linear", "model.width=1"):
         again = ["pretrain", "--data", str(data), "--out", str(out), "--preset", "demo",
@@ -144,6 +152,12 @@ def test_wide_mlp_pirl_pretrains_a_step_exports_and_evaluates(tmp_path: Path) ->
         load_backbone(exported, width=1)
 
 
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pirl")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
 def _vissl_wide(path: Path) -> Path:
     """A synthetic checkpoint in the authors' VISSL layout holding a width-2 trunk."""
     torch.manual_seed(0)
@@ -160,8 +174,7 @@ def test_wide_vissl_checkpoint_loads_into_every_protocol(tmp_path: Path) -> None
     ckpt = _vissl_wide(tmp_path / "model_final_checkpoint_phase0.torch")
     train = _write_images(tmp_path / "train")
     val = _write_images(tmp_path / "val", per_class=4)
-    parser = argparse.ArgumentParser(prog="pirl")
-    add_eval_parser(parser.add_subparsers(dest="command"))
+    parser = _eval_parser()
     common = ["--checkpoint", str(ckpt), "--train-data", str(train), "--val-data", str(val),
               "--image-size", "32", "--workers", "0", "--quiet", "--no-cache",
               "--batch-size", "12"]
@@ -175,6 +188,14 @@ def test_wide_vissl_checkpoint_loads_into_every_protocol(tmp_path: Path) -> None
         assert args.func(args) == 0, protocol
         assert (o / f"{protocol}.json").is_file(), protocol
         json.loads((o / f"{protocol}.json").read_text())
+    # invariance reads no training split; a VISSL file has no f / g, so the trunk distance only
+    args = parser.parse_args(["eval", "invariance", "--checkpoint", str(ckpt), "--val-data",
+                              str(val), "--image-size", "32", "--workers", "0", "--quiet",
+                              "--out", str(tmp_path / "invariance")])
+    assert args.func(args) == 0
+    inv = json.loads((tmp_path / "invariance" / "invariance.json").read_text())
+    (m,) = inv["models"].values()
+    assert 0.0 <= m["trunk"]["mean"] <= 2.0 and m["heads"] is None
     # detection: the wide trunk as a C4 backbone, one training forward with a box
     det = build_detector(load_backbone(ckpt), num_classes=2)
     det.train()
