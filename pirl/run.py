@@ -98,9 +98,12 @@ def check_resume_compatible(ckpt: dict[str, Any], cfg: C.Config, dataset_size: i
     """Refuse to resume a checkpoint of another architecture, method, dataset size or
     permutation-set size."""
     saved = ckpt.get("config", {})
-    for section, key in (("model", "arch"), ("model", "small_stem"), ("model", "embed_dim"),
+    # Checkpoints written before model.width / model.head existed hold the defaults' networks.
+    before = {"width": 1, "head": "linear"}
+    for section, key in (("model", "arch"), ("model", "small_stem"), ("model", "width"),
+                         ("model", "head"), ("model", "embed_dim"),
                          ("objective", "method"), ("objective", "pretext")):
-        old = saved.get(section, {}).get(key)
+        old = saved.get(section, {}).get(key, before.get(key))
         new = getattr(getattr(cfg, section), key)
         if old != new:
             raise C.ConfigError(f"{path}: checkpoint has {section}.{key}={old!r} but this run asks "

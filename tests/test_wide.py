@@ -15,13 +15,14 @@ import torchvision
 from PIL import Image
 
 from pirl.cli import main as pirl_main
-from pirl.config import Config
+from pirl.config import Config, ConfigError, to_dict
 from pirl.evaluate.cli import add_eval_parser
 from pirl.evaluate.detection.model import build_detector
 from pirl.evaluate.loading import load_eval_model
 from pirl.export import export_trunk, load_backbone
 from pirl.layouts import infer_trunk
-from pirl.methods import build_model
+from pirl.methods import build_model, fit_to_dataset
+from pirl.run import check_resume_compatible
 from pirl.trunk import _ScaledResNet, build_trunk, stage_dim, trunk_dim
 
 
@@ -118,6 +119,30 @@ def test_wide_mlp_pirl_pretrains_a_step_exports_and_evaluates(tmp_path: Path) ->
     em = load_eval_model(str(out / "checkpoint.pt"))
     assert em.full is not None and isinstance(em.full.f.fc, torch.nn.Sequential)
     assert em.trunk.conv1.out_channels == 128
+    heads = {k: v for k, v in ckpt["model"].items() if k.startswith(("f.", "g."))}
+    assert any(".fc.2." in k for k in heads) and any(".patch_fc.2." in k for k in heads)
+    reloaded = em.full.state_dict()
+    for k, v in heads.items():  # the MLP heads come back with the trained weights, not new ones
+        assert torch.equal(reloaded[k], v), k
+    eval_parser = _eval_parser()
+    # The invariance protocol measures ||f(v_I) - g(v_I^t)|| through the MLP heads.
+    args = eval_parser.parse_args(["eval", "invariance", "--checkpoint", str(out / "checkpoint.pt"),
+                                   "--val-data", str(data), "--image-size", "32", "--workers",
+                                   "0", "--quiet", "--out", str(tmp_path / "inv")])
+    assert args.func(args) == 0
+    (m,) = json.loads((tmp_path / "inv" / "invariance.json").read_text())["models"].values()
+    assert 0.0 <= m["heads"]["mean"] <= 2.0
+    # A resume that would rebuild other heads or another width is refused before any work.
+    for change in ("model.head=linear", "model.width=1"):
+        again = ["pretrain", "--data", str(data), "--out", str(out), "--preset", "demo",
+                 "--epochs", "2", "--batch-size", "8", "--workers", "0", "--quiet",
+                 "model.width=2", "model.head=mlp", "knn_every=0", change]
+        assert pirl_main(again) == 2, change
+    assert pirl_main(["export", "--checkpoint", str(out / "checkpoint.pt"),
+                      "--format", "detectron2", "--out", str(tmp_path / "d2.pth")]) == 0
+    d2 = torch.load(tmp_path / "d2.pth", weights_only=True)["model"]
+    assert tuple(d2["stem.conv1.weight"].shape) == (128, 3, 7, 7)
+    assert tuple(d2["res5.1.conv2.weight"].shape) == (1024, 1024, 3, 3)
     exported = export_trunk(out / "checkpoint.pt", "torchvision", tmp_path / "trunk.pth")
     back = load_backbone(exported)
     assert back.conv1.out_channels == 128
@@ -125,6 +150,12 @@ def test_wide_mlp_pirl_pretrains_a_step_exports_and_evaluates(tmp_path: Path) ->
         assert torch.equal(v, em.trunk.state_dict()[k]), k
     with pytest.raises(Exception, match="width"):
         load_backbone(exported, width=1)
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pirl")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    return parser
 
 
 def _vissl_wide(path: Path) -> Path:
@@ -143,8 +174,7 @@ def test_wide_vissl_checkpoint_loads_into_every_protocol(tmp_path: Path) -> None
     ckpt = _vissl_wide(tmp_path / "model_final_checkpoint_phase0.torch")
     train = _write_images(tmp_path / "train")
     val = _write_images(tmp_path / "val", per_class=4)
-    parser = argparse.ArgumentParser(prog="pirl")
-    add_eval_parser(parser.add_subparsers(dest="command"))
+    parser = _eval_parser()
     common = ["--checkpoint", str(ckpt), "--train-data", str(train), "--val-data", str(val),
               "--image-size", "32", "--workers", "0", "--quiet", "--no-cache",
               "--batch-size", "12"]
@@ -158,9 +188,46 @@ def test_wide_vissl_checkpoint_loads_into_every_protocol(tmp_path: Path) -> None
         assert args.func(args) == 0, protocol
         assert (o / f"{protocol}.json").is_file(), protocol
         json.loads((o / f"{protocol}.json").read_text())
+    # invariance reads no training split; a VISSL file has no f / g, so the trunk distance only
+    args = parser.parse_args(["eval", "invariance", "--checkpoint", str(ckpt), "--val-data",
+                              str(val), "--image-size", "32", "--workers", "0", "--quiet",
+                              "--out", str(tmp_path / "invariance")])
+    assert args.func(args) == 0
+    inv = json.loads((tmp_path / "invariance" / "invariance.json").read_text())
+    (m,) = inv["models"].values()
+    assert 0.0 <= m["trunk"]["mean"] <= 2.0 and m["heads"] is None
     # detection: the wide trunk as a C4 backbone, one training forward with a box
     det = build_detector(load_backbone(ckpt), num_classes=2)
     det.train()
     losses = det([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]),
                                              "labels": torch.tensor([1])}])
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_resume_check_reads_old_checkpoints_as_width_1_linear() -> None:
+    """Checkpoints from before model.width / model.head hold a width-1 trunk with linear heads:
+    resuming them with the defaults is allowed, with a wide trunk or MLP heads it is not."""
+    cfg = Config()
+    saved = to_dict(cfg)
+    for key in ("width", "head"):
+        del saved["model"][key]
+    check_resume_compatible({"config": saved, "dataset_size": 10}, cfg, 10, Path("ckpt"))
+    for key, value in (("width", 2), ("head", "mlp")):
+        changed = Config()
+        setattr(changed.model, key, value)
+        with pytest.raises(ConfigError, match=f"model.{key}"):
+            check_resume_compatible({"config": saved, "dataset_size": 10}, changed, 10,
+                                    Path("ckpt"))
+
+
+def test_mlp_head_is_refused_for_methods_without_f() -> None:
+    """jigsaw / rotation / supervised have no f or g: an MLP head would be silently ignored."""
+    for method in ("jigsaw", "rotation"):
+        cfg = Config()
+        cfg.objective.method, cfg.model.head = method, "mlp"
+        with pytest.raises(ConfigError, match="model.head=mlp"):
+            fit_to_dataset(cfg, 100)
+    cfg = Config()
+    cfg.objective.method, cfg.model.head = "npid", "mlp"
+    fit_to_dataset(cfg, 100)  # NPID has f: allowed
+    assert isinstance(build_model(cfg).f.fc, torch.nn.Sequential)

@@ -141,6 +141,11 @@ def fit_to_dataset(cfg: Config, dataset_size: int, source: ImageSource | None = 
     method = get_method(cfg)
     permutation_count(cfg)  # refuses a |T| the views cannot use, before the run folder is made
     uses_bank = method.uses_bank
+    # f (and g) exist only in the embedding methods, the ones with a memory bank; elsewhere an
+    # MLP head would be silently ignored.
+    if cfg.model.head != "linear" and not uses_bank:
+        raise ConfigError(f"model.head={cfg.model.head}: method {method.name} has no embedding "
+                          "head f / g; leave model.head=linear")
     if uses_bank and cfg.is_explicit("objective.num_negatives"):
         check_explicit_negatives(o.num_negatives, dataset_size)
     if uses_bank and o.num_negatives > dataset_size - 1:
