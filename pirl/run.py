@@ -66,20 +66,22 @@ class RunResult:
 
 @dataclass
 class LoopState:
-    """Where the loop is: global step, completed epochs, batches done in the current epoch, and
-    unreadable images skipped so far (by this process)."""
+    """Where the loop is: global step, completed epochs, batches done in the current epoch,
+    unreadable images skipped so far (by this process), and for a shard set the readers
+    (processes x workers) that the current epoch's stream is dealt to (0: map-style data)."""
 
     step: int
     epoch: int
     batch: int
     skipped: int = 0
+    readers: int = 0
 
     @classmethod
     def from_position(cls, pos: dict[str, Any]) -> LoopState:
         """The state saved in a checkpoint's ``position``.  ``skipped`` (the total over all
         ranks) is absent from checkpoints written before it was saved: those count from 0."""
         return cls(step=int(pos["step"]), epoch=int(pos["epoch"]), batch=int(pos["batch"]),
-                   skipped=int(pos.get("skipped", 0)))
+                   skipped=int(pos.get("skipped", 0)), readers=int(pos.get("readers", 0)))
 
 
 def prepare_run_dir(out: Path) -> Path:
@@ -189,8 +191,11 @@ def epoch_loader(dataset: SeededViews | ShardViews, cfg: C.Config, env: DistEnv,
     """This rank's batches of epoch ``state.epoch`` from batch ``state.batch`` on (a resumed
     epoch goes on where it stopped), ``optim.batch_size / world_size`` samples each."""
     if isinstance(dataset, ShardViews):  # the workers collate whole batches: batch_size=None
+        readers = _stream_workers(state, env, workers)
+        state.readers = env.world_size * readers
         stream = dataset.epoch(state.epoch, cfg.optim.batch_size, env.rank, env.world_size,
-                               state.batch, collate, workers)
+                               state.batch, collate, readers)
+        workers = readers if readers > 1 or workers > 0 else 0
         return DataLoader(stream, batch_size=None, num_workers=workers,
                           pin_memory=env.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=4 if workers > 0 else None)
@@ -200,6 +205,24 @@ def epoch_loader(dataset: SeededViews | ShardViews, cfg: C.Config, env: DistEnv,
                       sampler=sampler, drop_last=True, collate_fn=collate, num_workers=workers,
                       pin_memory=env.device.type == "cuda", persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None)
+
+
+def _stream_workers(state: LoopState, env: DistEnv, workers: int) -> int:
+    """Readers per process for a shard set's epoch: ``train.workers`` (at least 1), except in
+    an epoch resumed mid-way, which keeps the readers it started with, since they decide which
+    samples each batch holds (a machine with fewer CPUs gets more workers than CPUs for it)."""
+    k = max(workers, 1)
+    if state.batch and state.readers and state.readers != env.world_size * k:
+        if state.readers % env.world_size == 0:
+            k = state.readers // env.world_size
+            if env.is_main:
+                log.info("finishing epoch %d with %d reader(s) per process, as it started",
+                         state.epoch + 1, k)
+        elif env.is_main:
+            log.warning("epoch %d started with %d shard readers, now %d processes: the rest of "
+                        "it is dealt anew (bank rows stay right; some images may repeat or be "
+                        "left out this epoch)", state.epoch + 1, state.readers, env.world_size)
+    return k
 
 
 class StopFlag:

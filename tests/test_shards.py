@@ -4,6 +4,7 @@ and workers, resume, bad members, and a pretraining run resumed from shards."""
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -180,9 +181,28 @@ def test_pretrain_from_shards_resumes_with_the_same_bank(tiny_imagefolder: Path,
     first = pretrain(cfg(), spec, run, stop_after_steps=2)
     assert first.stopped and first.steps == 2
     first_rows = ck.safe_load(run / ck.LATEST)["objective"]["bank"]["rows"]
-    second = pretrain(cfg(), spec, run)
+    assert ck.safe_load(run / ck.LATEST)["position"]["readers"] == 1
+    resume_cfg = cfg()
+    resume_cfg.train.workers = 2  # more workers now: the epoch ends with the 1 reader it began with
+    second = pretrain(resume_cfg, spec, run)
     assert second.resumed_from_step == 2 and second.steps == whole.steps
     rows = {name: ck.safe_load(tmp_path / name / ck.LATEST)["objective"]["bank"]["rows"]
             for name in ("whole", "resumed")}
     assert not torch.equal(rows["whole"], first_rows)  # the steps after the stop moved rows
     torch.testing.assert_close(rows["resumed"], rows["whole"], rtol=0, atol=1e-6)
+
+
+def test_clear_errors_without_webdataset_and_for_a_bad_manifest(
+        shard_set: tuple[str, FolderSource], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    spec, _ = shard_set
+    manifest = Path(spec).parent / "train-manifest.json"
+    m = json.loads(manifest.read_text())
+    m["shards"][2]["count"] = 5  # no longer adds up to the next shard's start
+    manifest.write_text(json.dumps(m))
+    assert main(["data", "check", spec]) == 2
+    assert "train-manifest.json: shard train-000003.tar starts at 12, expected 13" in (
+        capsys.readouterr().err)
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # as if not installed
+    assert main(["pretrain", "--data", spec, "--out", str(Path(spec).parent / "run")]) == 2
+    assert "webdataset package: pip install 'pirl[shards]'" in capsys.readouterr().err

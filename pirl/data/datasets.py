@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from pirl.data.shards import ShardSource, is_shard_spec
 from pirl.data.source import (
     ArchiveReader,
     BadImageError,
@@ -275,9 +276,7 @@ def open_source(path: str | os.PathLike[str]) -> ImageSource:
 
     if is_listed_spec(s):  # LIST.txt / SPLIT.json, optionally ROOT::FILE (pirl.data.lists)
         return open_listed(s)
-    if s.endswith(".tar") and "{" in s:  # DIR/train-{000000..000099}.tar (pirl.data.shards)
-        from pirl.data.shards import ShardSource
-
+    if is_shard_spec(s):  # DIR/train-{000000..000099}.tar (pirl.data.shards)
         return ShardSource(s)
     p = Path(s)
     if not p.exists():
