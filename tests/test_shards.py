@@ -159,6 +159,24 @@ def test_a_corrupted_member_is_skipped_and_counted(shard_set: tuple[str, FolderS
         [b for r in (0, 1) for b in epoch_batches(views, r, 2, 1)]
 
 
+def test_a_truncated_shard_counts_its_missing_samples(shard_set: tuple[str, FolderSource]
+                                                      ) -> None:
+    spec, _ = shard_set
+    src = open_source(spec)
+    assert isinstance(src, ShardSource)
+    with tarfile.open(src.shards[5]) as tf:
+        members = tf.getmembers()  # KEY.cls, KEY.png per sample: 8 members
+    keys = [int(m.name.split(".")[0]) for m in members]
+    with open(src.shards[5], "r+b") as fh:
+        fh.truncate(members[4].offset)  # the last 2 samples are gone
+    lost = set(keys[4:])
+    views = ShardViews(src, pixel, seed=3)
+    batches = [b for r in (0, 1) for b in epoch_batches(views, r, 2, 2)]
+    seen = [i for b in batches for i in b["index"].tolist()]
+    assert len(seen) == N and set(seen) == set(range(N)) - lost
+    assert sum(int(b["skipped"].sum()) for b in batches) == 2
+
+
 def test_pretrain_from_shards_resumes_with_the_same_bank(tiny_imagefolder: Path,
                                                          tmp_path: Path) -> None:
     folder = tmp_path / "folder"  # 64 real images of 4 classes: 4 steps of 16 per epoch

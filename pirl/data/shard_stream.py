@@ -77,7 +77,8 @@ class ShardViews:
               collate: Callable[[list[Any]], Any], workers: int) -> ShardEpoch:
         """This rank's stream of collated batches for ``epoch`` from batch ``start_batch`` on."""
         slot_shards(len(self.source.shards), self.seed, epoch, world * max(workers, 1))
-        return ShardEpoch(self, epoch, global_batch, rank, world, start_batch, collate)
+        return ShardEpoch(self, epoch, global_batch, rank, world, start_batch, collate,
+                          max(workers, 1))
 
 
 class ShardEpoch(IterableDataset):
@@ -85,8 +86,9 @@ class ShardEpoch(IterableDataset):
     (use with ``DataLoader(batch_size=None)``); each worker takes its shards (module doc)."""
 
     def __init__(self, views: ShardViews, epoch: int, global_batch: int, rank: int, world: int,
-                 start_batch: int, collate: Callable[[list[Any]], Any]) -> None:
+                 start_batch: int, collate: Callable[[list[Any]], Any], readers: int = 1) -> None:
         self.views, self.epoch, self.rank, self.world = views, epoch, rank, world
+        self.readers = readers
         self.per_rank = global_batch // world
         self.steps = len(views) // global_batch
         self.start_batch, self.collate = start_batch, collate
@@ -97,6 +99,10 @@ class ShardEpoch(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if workers != self.readers:
+            raise RuntimeError(f"ShardEpoch built for {self.readers} reader(s) per process but "
+                               f"read by {workers}: give the DataLoader num_workers={self.readers}"
+                               " (0 or 1 for one)")
         # The DataLoader takes the first batch from its worker 0: resumed at batch t, that is
         # rank batch t, whose data is the stream of worker t % K in an uninterrupted epoch.
         yield from self.worker_batches((worker + self.start_batch) % workers, workers)
@@ -109,40 +115,56 @@ class ShardEpoch(IterableDataset):
         for _ in range(todo):
             yield self.collate([next(samples) for _ in range(self.per_rank)])
 
-    def _raw(self, worker: int, workers: int) -> Iterator[tuple[int, bytes, str]]:
-        """(global index, encoded image, name) of the slot's samples, shuffled, cycled."""
+    def _raw(self, worker: int, workers: int) -> Iterator[tuple[int, bytes, str, str]]:
+        """(global index or -1, encoded image, name, what is wrong) of the slot's samples,
+        shuffled, cycled."""
         wds = require_webdataset()
         src, v = self.views.source, self.views
         slots = slot_shards(len(src.shards), v.seed, self.epoch, self.world * workers)
-        mine = [src.shards[s] for s in slots[self.rank * workers + worker]]
+        mine = slots[self.rank * workers + worker]
         for cycle in range(1 << 30):
-            stream = wds.tariterators.tarfile_samples([{"url": str(p)} for p in mine],
-                                                      handler=_warn_and_continue)
             shuffle = wds.filters.shuffle(bufsize=SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER,
                                           seed=_mix(v.seed, self.epoch, self.rank, worker, cycle))
             seen = 0
-            for s in shuffle(stream):
+            for s in shuffle(self._members(mine)):
                 seen += 1
-                name = f"{s.get('__url__')}:{s.get('__key__')}"
-                key = str(s.get("__key__", ""))
+                name = f"{s['__url__']}:{s['__key__']}"
+                key = str(s["__key__"])
                 img = next((s[k] for k in s if not k.startswith("__") and k != "cls"), None)
-                if not key.isdigit() or not 0 <= int(key) < len(src) or img is None:
-                    log.warning("skipping shard member %s: no image under a global index key",
-                                name)
-                    yield -1, b"", name
-                    continue
-                yield int(key), img, name
+                if "__missing__" in s:
+                    yield -1, b"", str(s["__url__"]), s["__missing__"]
+                elif not key.isdigit() or not 0 <= int(key) < len(src) or img is None:
+                    yield -1, b"", name, "no image under a global index key"
+                else:
+                    yield int(key), img, name, ""
             if not seen:
-                raise UnreadableDataError(f"no sample could be read from shards {mine}")
+                raise UnreadableDataError(f"no sample in shards {[src.shards[k] for k in mine]}")
+
+    def _members(self, shards: list[int]) -> Iterator[dict[str, Any]]:
+        """webdataset's samples of ``shards`` in order; a shard that ends early (truncated) is
+        followed by one ``__missing__`` placeholder per sample the manifest counts but it
+        lacks, so that they are counted as skipped."""
+        wds = require_webdataset()
+        src = self.views.source
+        for k in shards:
+            url, n = str(src.shards[k]), 0
+            for sample in wds.tariterators.tarfile_samples([{"url": url}],
+                                                           handler=_warn_and_continue):
+                n += 1
+                yield sample
+            for j in range(src.counts[k] - n):
+                yield {"__url__": url, "__key__": f"missing{j}",
+                       "__missing__": f"sample missing: the shard holds {n} of the manifest's "
+                                      f"{src.counts[k]}"}
 
     def _samples(self, worker: int, workers: int, skip: int) -> Iterator[dict[str, Any]]:
         """Decoded, augmented samples; the first ``skip`` readable ones are passed over."""
         v, targets = self.views, self.views.source.targets
         bad = 0
-        for index, data, name in self._raw(worker, workers):
+        for index, data, name, wrong in self._raw(worker, workers):
             try:
                 if index < 0:
-                    raise BadImageError(name, "not a sample of the manifest")
+                    raise BadImageError(name, wrong)
                 img = decode_image(data, name)
             except BadImageError as e:
                 if skip:  # counted by the run that got here first
