@@ -104,6 +104,20 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _cmd_data_shard(args: argparse.Namespace) -> int:
+    from pirl.data.shard_write import write_shards
+
+    manifest = write_shards(args.src, args.out, args.shard_size, prefix=args.prefix,
+                            seed=args.seed)
+    from pirl.data.shards import read_manifest
+
+    m = read_manifest(manifest)
+    last = m["shards"][-1]["name"].rsplit("-", 1)[-1].removesuffix(".tar")
+    print(f"{m['total']} images in {len(m['shards'])} shard(s); manifest {manifest}")
+    print(f"train with --data '{Path(args.out) / args.prefix}-{{000000..{last}}}.tar'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``pirl`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -126,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="training images: ImageFolder folder, ImageFolder .tar, "
                    "[ROOT::]list.txt ('relative/path label' lines), [ROOT::]split.json "
-                   "(iNaturalist), or 'synthetic'")
+                   "(iNaturalist), shards 'DIR/train-{000000..000099}.tar' (`pirl data shard`), "
+                   "or 'synthetic'")
     p.add_argument("--val-data", default=None, help="labelled images for the kNN monitor")
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset>); rerunning "
                    "with the same folder resumes from its checkpoint")
@@ -168,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="ImageFolder folder or .tar archive, or [ROOT::]list.txt / .json")
     q.add_argument("--min-size", type=int, default=1, help="smallest acceptable side, px")
     q.set_defaults(func=_cmd_data_check)
+    q = dsub.add_parser("shard", help="write an image source as WebDataset shards + manifest")
+    q.add_argument("src", help="ImageFolder folder or .tar archive, or [ROOT::]list.txt / .json")
+    q.add_argument("out", help="folder to write PREFIX-000000.tar ... and PREFIX-manifest.json")
+    q.add_argument("--shard-size", type=int, required=True, help="samples per shard")
+    q.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the one-off shuffle before "
+                   "writing (every shard mixes the classes)")
+    q.set_defaults(func=_cmd_data_shard)
 
     from pirl.bench import add_bench_parser
     from pirl.evaluate.cli import add_eval_parser

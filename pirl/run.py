@@ -22,6 +22,8 @@ from pirl import config as C
 from pirl.checkpoint import load_run_checkpoint
 from pirl.data import ViewDataset, open_source
 from pirl.data.sampler import EpochSampler, SeededViews, usable_workers
+from pirl.data.shard_stream import ShardViews
+from pirl.data.shards import ShardSource
 from pirl.data.source import ImageSource
 from pirl.data.views import ColourCollate
 from pirl.distributed import DistEnv
@@ -64,20 +66,22 @@ class RunResult:
 
 @dataclass
 class LoopState:
-    """Where the loop is: global step, completed epochs, batches done in the current epoch, and
-    unreadable images skipped so far (by this process)."""
+    """Where the loop is: global step, completed epochs, batches done in the current epoch,
+    unreadable images skipped so far (by this process), and for a shard set the readers
+    (processes x workers) that the current epoch's stream is dealt to (0: map-style data)."""
 
     step: int
     epoch: int
     batch: int
     skipped: int = 0
+    readers: int = 0
 
     @classmethod
     def from_position(cls, pos: dict[str, Any]) -> LoopState:
         """The state saved in a checkpoint's ``position``.  ``skipped`` (the total over all
         ranks) is absent from checkpoints written before it was saved: those count from 0."""
         return cls(step=int(pos["step"]), epoch=int(pos["epoch"]), batch=int(pos["batch"]),
-                   skipped=int(pos.get("skipped", 0)))
+                   skipped=int(pos.get("skipped", 0)), readers=int(pos.get("readers", 0)))
 
 
 def prepare_run_dir(out: Path) -> Path:
@@ -160,17 +164,23 @@ def open_run_log(out: Path, state: LoopState, resumed: bool, env: DistEnv) -> Ru
 
 
 def training_data(cfg: C.Config, source: ImageSource, permutations: Tensor | None,
-                  colour_backend: str, env: DistEnv) -> tuple[SeededViews, ColourCollate, int]:
+                  colour_backend: str, env: DistEnv
+                  ) -> tuple[SeededViews | ShardViews, ColourCollate, int]:
     """The training views of ``source`` (indexed by draw id, see :mod:`pirl.data.sampler`),
     the collate function that colours them, and the number of DataLoader workers to use.
 
     The workers draw every sample's crops and colour parameters (seeded per sample), and colour
     the whole batch in one call in the collate function (ColourCollate), also in the workers:
-    the same pixels as colouring sample by sample, with less overhead per image.
+    the same pixels as colouring sample by sample, with less overhead per image.  A shard set
+    is streamed instead (:class:`~pirl.data.shard_stream.ShardViews`).
     """
     transform = build_train_transform(cfg, permutations, defer_colour=True)
-    dataset = SeededViews(ViewDataset(source, transform, strict=cfg.train.strict_data),
-                          seed=cfg.train.seed)
+    dataset: SeededViews | ShardViews
+    if isinstance(source, ShardSource):  # streamed (pirl.data.shard_stream)
+        dataset = ShardViews(source, transform, cfg.train.seed, strict=cfg.train.strict_data)
+    else:
+        dataset = SeededViews(ViewDataset(source, transform, strict=cfg.train.strict_data),
+                              seed=cfg.train.seed)
     workers = usable_workers(cfg.train.workers)
     if workers < cfg.train.workers and env.is_main:
         log.info("train.workers=%d exceeds the %d CPU(s) available; using %d",
@@ -181,16 +191,43 @@ def training_data(cfg: C.Config, source: ImageSource, permutations: Tensor | Non
     return dataset, ColourCollate(backend=colour_backend), workers
 
 
-def epoch_loader(dataset: SeededViews, cfg: C.Config, env: DistEnv, state: LoopState,
-                 collate: ColourCollate, workers: int) -> DataLoader[Any]:
+def epoch_loader(dataset: SeededViews | ShardViews, cfg: C.Config, env: DistEnv,
+                 state: LoopState, collate: ColourCollate, workers: int) -> DataLoader[Any]:
     """This rank's batches of epoch ``state.epoch`` from batch ``state.batch`` on (a resumed
     epoch goes on where it stopped), ``optim.batch_size / world_size`` samples each."""
+    if isinstance(dataset, ShardViews):  # the workers collate whole batches: batch_size=None
+        readers = _stream_workers(state, env, workers)
+        state.readers = env.world_size * readers
+        stream = dataset.epoch(state.epoch, cfg.optim.batch_size, env.rank, env.world_size,
+                               state.batch, collate, readers)
+        workers = readers if readers > 1 or workers > 0 else 0
+        return DataLoader(stream, batch_size=None, num_workers=workers,
+                          pin_memory=env.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers > 0 else None)
     sampler = EpochSampler(len(dataset), cfg.optim.batch_size, cfg.train.seed, env.rank,
                            env.world_size, epoch=state.epoch, start_batch=state.batch)
     return DataLoader(dataset, batch_size=cfg.optim.batch_size // env.world_size,
                       sampler=sampler, drop_last=True, collate_fn=collate, num_workers=workers,
                       pin_memory=env.device.type == "cuda", persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None)
+
+
+def _stream_workers(state: LoopState, env: DistEnv, workers: int) -> int:
+    """Readers per process for a shard set's epoch: ``train.workers`` (at least 1), except in
+    an epoch resumed mid-way, which keeps the readers it started with, since they decide which
+    samples each batch holds (a machine with fewer CPUs gets more workers than CPUs for it)."""
+    k = max(workers, 1)
+    if state.batch and state.readers and state.readers != env.world_size * k:
+        if state.readers % env.world_size == 0:
+            k = state.readers // env.world_size
+            if env.is_main:
+                log.info("finishing epoch %d with %d reader(s) per process, as it started",
+                         state.epoch + 1, k)
+        elif env.is_main:
+            log.warning("epoch %d started with %d shard readers, now %d processes: the rest of "
+                        "it is dealt anew (bank rows stay right; some images may repeat or be "
+                        "left out this epoch)", state.epoch + 1, state.readers, env.world_size)
+    return k
 
 
 class StopFlag:

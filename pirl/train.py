@@ -161,7 +161,8 @@ def pretrain(cfg: C.Config, data: str, out: Path, val_data: str | None = None,
         _check_replicas(model, objective, state.step, f"checkpoint at step {state.step}")
         _check_finite(model, objective, state.step, out)
         position = {"epoch": state.epoch, "step": state.step, "batch": state.batch,
-                    "skipped": _skipped_total(state, env)}
+                    "skipped": _skipped_total(state, env),
+                    **({"readers": state.readers} if state.readers else {})}
         if env.is_main:
             save_run_checkpoint(training_state(cfg, n, model, objective, optimizer,
                                                permutations, position), out)

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from pirl.data.shards import ShardSource, is_shard_spec
 from pirl.data.source import (
     ArchiveReader,
     BadImageError,
@@ -251,7 +252,8 @@ SYNTHETIC = "synthetic"
 
 def open_source(path: str | os.PathLike[str]) -> ImageSource:
     """Open a dataset: an ImageFolder folder, an uncompressed ImageFolder ``.tar``, a list /
-    JSON file (``[ROOT::]list.txt`` or ``[ROOT::]split.json``, see :mod:`pirl.data.lists`), or
+    JSON file (``[ROOT::]list.txt`` or ``[ROOT::]split.json``, see :mod:`pirl.data.lists`), a
+    shard set ``DIR/PREFIX-{000000..000099}.tar`` (:mod:`pirl.data.shards`), or
     the built-in ``synthetic`` (training split) / ``synthetic:val`` (held-out labelled split).
 
     The built-in names win over a folder of the same name in the working directory; write
@@ -274,6 +276,8 @@ def open_source(path: str | os.PathLike[str]) -> ImageSource:
 
     if is_listed_spec(s):  # LIST.txt / SPLIT.json, optionally ROOT::FILE (pirl.data.lists)
         return open_listed(s)
+    if is_shard_spec(s):  # DIR/train-{000000..000099}.tar (pirl.data.shards)
+        return ShardSource(s)
     p = Path(s)
     if not p.exists():
         raise FileNotFoundError(f"dataset path does not exist: {s}")
