@@ -38,8 +38,6 @@ BN_STATS = ("image", "all")
 COLOUR_BACKENDS = ("auto", "numba", "torch")  # pirl.kernels.colour.photometric_jobs
 
 
-
-
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best here
     """A dataclass field carrying its help text."""
     return field(default=default, metadata={"help": help, **kw})
@@ -167,8 +165,6 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in fields(Config))
-
-
 
 
 def _field_index() -> dict[str, tuple[str, dataclasses.Field[Any]]]:

@@ -146,10 +146,14 @@ def test_open_source_errors(tmp_path: Path) -> None:
     (empty / "cls" / "readme.txt").write_text("x")
     with pytest.raises(ValueError, match="no images found in .*empty"):
         open_source(str(empty))
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / "notes.md"  # (a .txt is read as a list file: tests/test_lists.py)
     notes.write_text("hello")
     with pytest.raises(ValueError, match="neither a folder nor a tar"):
         open_source(str(notes))
+    listed = tmp_path / "notes.txt"
+    listed.write_text("hello")
+    with pytest.raises(ValueError, match=r"notes\.txt:1: no label"):
+        open_source(str(listed))
     with pytest.raises(ValueError, match="synthetic:val"):
         open_source("synthetic:test")
     with pytest.raises(IndexError):
