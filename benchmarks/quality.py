@@ -150,8 +150,7 @@ def run_method(name: str, args: argparse.Namespace, train_path: str, out: Path,
         model = load_eval_model(str(run_dir / "checkpoint.pt"), name=name)
         views = cfg.views
     t0 = time.perf_counter()
-    protocol = TrunkEval(knn_k=args.knn_k, linear_epochs=args.linear_epochs,
-                         aug_copies=args.aug_copies)
+    protocol = TrunkEval.from_args(args)
     row.update(evaluate_trunk(model.trunk, train_src, val_src, views, settings, protocol,
                               args.seed))
     row["eval_wall_s"] = time.perf_counter() - t0
@@ -190,11 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ImageFolder .tar (default: DATA_ROOT/{DATASET}/val.tar)")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="config override applied to every method (repeatable)")
-    p.add_argument("--knn-k", type=int, default=TrunkEval.knn_k, help="k of the kNN vote")
-    p.add_argument("--linear-epochs", type=int, default=TrunkEval.linear_epochs,
-                   help="linear probe epochs")
-    p.add_argument("--aug-copies", type=int, default=TrunkEval.aug_copies,
-                   help="augmented copies of the train split the probe cycles through")
+    TrunkEval.add_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="one seed for every method")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     p.add_argument("--threads", type=int, default=1,

@@ -8,6 +8,7 @@ features, the images seen through the evaluation view (resize, centre crop) of t
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,21 @@ class TrunkEval:
     linear_epochs: int = 30
     aug_copies: int = 2
     stage: str = "res5"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        """``--knn-k``, ``--linear-epochs``, ``--aug-copies`` with these defaults (the quality
+        benchmark and ``pirl sweep`` share them); :meth:`from_args` reads them back."""
+        p.add_argument("--knn-k", type=int, default=TrunkEval.knn_k, help="k of the kNN vote")
+        p.add_argument("--linear-epochs", type=int, default=TrunkEval.linear_epochs,
+                       help="linear probe epochs")
+        p.add_argument("--aug-copies", type=int, default=TrunkEval.aug_copies,
+                       help="augmented copies of the training split the probe cycles through")
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> TrunkEval:
+        return TrunkEval(knn_k=args.knn_k, linear_epochs=args.linear_epochs,
+                         aug_copies=args.aug_copies)
 
 
 def evaluate_trunk(trunk: nn.Module, train: ImageSource, val: ImageSource, views: ViewConfig,

@@ -75,11 +75,7 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
                    f"DATA_ROOT/{DATASET}/train.tar)")
     p.add_argument("--val-data", default=None, help="labelled evaluation images (default: "
                    f"DATA_ROOT/{DATASET}/val.tar)")
-    p.add_argument("--knn-k", type=int, default=TrunkEval.knn_k, help="k of the kNN vote")
-    p.add_argument("--linear-epochs", type=int, default=TrunkEval.linear_epochs,
-                   help="linear probe epochs")
-    p.add_argument("--aug-copies", type=int, default=TrunkEval.aug_copies,
-                   help="augmented copies of the training split the probe cycles through")
+    TrunkEval.add_arguments(p)
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per cell")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default=None,
@@ -187,8 +183,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{out / cell.folder}: {' '.join(overrides)}")
         print(f"{len(cells)} cells")
         return 0
-    protocol = TrunkEval(knn_k=args.knn_k, linear_epochs=args.linear_epochs,
-                         aug_copies=args.aug_copies)
+    protocol = TrunkEval.from_args(args)
     gpus = _gpus(args.gpus)
     from pirl.sweep.run import SweepData, check_cells, run_sweep
 
