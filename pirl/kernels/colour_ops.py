@@ -15,9 +15,9 @@ the blur's float sums up to rounding).
 Each item is processed on its own, with the same torch calls whichever batch it arrives in,
 so a batch of jobs gives bit for bit the pixels of one call per item; the engine (torch or
 numba) only computes the jitter before.  Against the references (``tests/test_photo_ops.py``):
-posterize, solarize, equalize and grayscale are exact integer arithmetic (torchvision and PIL);
-autocontrast and sharpness repeat torchvision's ``v2.functional`` float operations and equal it
-bit for bit; PIL's sharpness (an integer-rounded smoothing filter) is within 1 grey level.
+every operation is torchvision's ``v2.functional`` on uint8, so the torch backend is the reference
+itself; against PIL, posterize, solarize and equalize are exact, autocontrast and sharpness (an
+integer-rounded smoothing filter) within 1 grey level.
 """
 
 from __future__ import annotations
@@ -25,75 +25,43 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from pirl.kernels.colour_job import ColourJob, ColourParams, OpParams
 
-# The 3 x 3 smoothing of the sharpness operation (PIL's ImageFilter.SMOOTH: 1s around a 5).
-_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-
 
 def posterize(x: Tensor, bits: int) -> Tensor:
     """Keep the top ``bits`` (0..8) bits of every uint8 value of ``x``."""
-    return x & (((1 << bits) - 1) << (8 - bits))
+    return TF.posterize(x, bits)
 
 
 def solarize(x: Tensor, threshold: int) -> Tensor:
     """Invert (255 - v) every uint8 value ``v >= threshold``; 256 changes nothing."""
-    if threshold > 255:  # compared with a uint8 tensor, 256 would wrap round to 0
+    if threshold > 255:  # torchvision refuses a threshold above the dtype's maximum
         return x
-    return torch.where(x >= threshold, 255 - x, x)
+    return TF.solarize(x, threshold)
 
 
 def autocontrast(x: Tensor) -> Tensor:
-    """Stretch each channel of uint8 ``[3,H,W]`` to 0..255: ``(v - min) / ((max - min) / 255)``
-    in float32, truncated; a constant channel is left as it is."""
-    f = x.float()
-    lo = f.amin(dim=(-2, -1), keepdim=True)
-    span = f.amax(dim=(-2, -1), keepdim=True).sub_(lo).mul_(1.0 / 255.0)
-    flat = span == 0
-    lo[flat] = 0.0
-    span[flat] = 1.0
-    return f.sub_(lo).div_(span).clamp_(0, 255).to(torch.uint8)
+    """Stretch each channel of uint8 ``[3,H,W]`` to 0..255 (a constant channel stays)."""
+    return TF.autocontrast(x)
 
 
 def equalize(x: Tensor) -> Tensor:
-    """Histogram equalisation of each channel of uint8 ``[3,H,W]`` by PIL's rule: with h the
-    channel's histogram and ``step = (#pixels - h[last used value]) // 255``, value v maps to
-    ``min(255, (sum(h[:v]) + step // 2) // step)``; a channel with step 0 is left as it is."""
-    out = x.clone()
-    for c in range(x.shape[0]):
-        hist = torch.bincount(x[c].reshape(-1).long(), minlength=256)
-        last = int(hist.nonzero().max())
-        step = (int(hist.sum()) - int(hist[last])) // 255
-        if step == 0:
-            continue
-        before = torch.cumsum(hist, 0) - hist  # sum(h[:v]) for every v
-        lut = ((before + step // 2) // step).clamp_(max=255).to(torch.uint8)
-        out[c] = lut[x[c].long()]
-    return out
+    """Histogram equalisation of each channel of uint8 ``[3,H,W]`` (PIL's rule)."""
+    return TF.equalize(x)
 
 
 def sharpness(x: Tensor, factor: float) -> Tensor:
-    """torchvision's ``adjust_sharpness`` on uint8 ``[3,H,W]``: blend the image with its 3 x 3
-    smoothing (rounded to integers; the one-pixel border keeps the image) by ``factor`` (0 =
-    smooth, 1 = unchanged, 2 = sharper), in float32, clamped and truncated."""
-    if x.shape[-1] <= 2 or x.shape[-2] <= 2:
-        return x.clone()
-    out = x.float()
-    blurred = F.conv2d(out[None], _SMOOTH.expand(3, 1, 3, 3), groups=3)[0].round_()
-    inner = out[:, 1:-1, 1:-1]
-    inner.add_(blurred.sub_(inner), alpha=1.0 - factor)
-    return out.clamp_(0, 255).to(torch.uint8)
+    """Blend uint8 ``[3,H,W]`` with its 3 x 3 smoothing by ``factor`` (0 = smooth, 1 =
+    unchanged, 2 = sharper)."""
+    return TF.adjust_sharpness(x, factor)
 
 
 def grayscale(x: Tensor) -> Tensor:
-    """torchvision's ``rgb_to_grayscale`` on uint8 ``[3,H,W]`` (ITU-R 601-2 luma, truncated),
-    repeated on the 3 channels."""
-    r, g, b = x.float().unbind(0)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).to(torch.uint8).expand(3, -1, -1)
+    """ITU-R 601-2 luma of uint8 ``[3,H,W]`` (truncated), on the 3 channels."""
+    return TF.rgb_to_grayscale(x, num_output_channels=3)
 
 
 def apply_item(x: Tensor, ops: OpParams, i: int, gray: bool) -> Tensor:
