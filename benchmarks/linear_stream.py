@@ -20,27 +20,11 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-
-def cut_subset(train_tar: Path, dest: Path, per_class: int) -> Path:
-    """An uncompressed ImageFolder tar of the first ``per_class`` images (by name) per class."""
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    taken: dict[str, int] = defaultdict(int)
-    tmp = dest.with_suffix(".tmp")
-    with tarfile.open(train_tar) as src, tarfile.open(tmp, "w") as out:
-        for m in sorted((m for m in src.getmembers() if m.isfile()), key=lambda m: m.name):
-            wnid = m.name.split("/")[-2]
-            if taken[wnid] < per_class:
-                out.addfile(m, src.extractfile(m))
-                taken[wnid] += 1
-    tmp.rename(dest)
-    return dest
+from pirl.data import open_source
+from pirl.data.subset import write_subset
 
 
 def run(args: list[str]) -> int:
@@ -72,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=".cache/linear_stream")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    train = cut_subset(Path(args.train_tar), out / f"train-{args.per_class}pc.tar",
-                       args.per_class)
+    train = write_subset(open_source(args.train_tar), args.per_class,
+                         out / f"train-{args.per_class}pc.tar")
     common = ["--checkpoint", args.checkpoint, "--train-data", str(train), "--val-data",
               args.val_data, "--image-size", args.image_size, "--layers", args.layers,
               "--epochs", args.epochs, "--aug-copies", args.epochs, "--workers", args.workers,
