@@ -19,7 +19,7 @@ from pirl.config import Config, ConfigError, to_dict
 from pirl.evaluate.cli import add_eval_parser
 from pirl.evaluate.detection.model import build_detector
 from pirl.evaluate.loading import load_eval_model
-from pirl.export import export_trunk, load_backbone
+from pirl.export import CheckpointError, export_trunk, load_backbone
 from pirl.layouts import infer_trunk
 from pirl.methods import build_model, fit_to_dataset
 from pirl.run import check_resume_compatible
@@ -148,7 +148,7 @@ def test_wide_mlp_pirl_pretrains_a_step_exports_and_evaluates(tmp_path: Path) ->
     assert back.conv1.out_channels == 128
     for k, v in back.state_dict().items():
         assert torch.equal(v, em.trunk.state_dict()[k]), k
-    with pytest.raises(Exception, match="width"):
+    with pytest.raises(CheckpointError, match="width"):
         load_backbone(exported, width=1)
 
 
