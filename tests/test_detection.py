@@ -250,6 +250,27 @@ def test_metrics_by_hand_with_a_difficult_object() -> None:
     assert empty["AP"] == 0.0 and empty["per_class"]["c"]["AP"] is None
 
 
+def test_metrics_give_pycocotools_the_info_key_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pycocotools 2.0.10's ``loadRes`` copies ``dataset["info"]`` (a KeyError without it, which
+    stopped a GPU run of the detection benchmark); the ground truth must carry the key whatever
+    version is installed."""
+    from pycocotools.coco import COCO
+
+    seen: list[bool] = []
+    load_res = COCO.loadRes
+
+    def strict_load_res(self: COCO, results: object) -> COCO:
+        seen.append("info" in self.dataset and "licenses" in self.dataset)
+        return load_res(self, results)
+
+    monkeypatch.setattr(COCO, "loadRes", strict_load_res)
+    target = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1])}
+    det = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1]),
+           "scores": torch.tensor([0.9])}
+    assert detection_metrics([target], [det], ["a"])["AP"] == pytest.approx(100.0)
+    assert seen == [True]
+
+
 # ----------------------------------------------------------------------------- model
 
 

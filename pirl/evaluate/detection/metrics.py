@@ -85,7 +85,9 @@ def _build(targets: Sequence[Mapping[str, Tensor]], detections: Sequence[Mapping
             dets.append({"image_id": img_id, "category_id": int(label), "bbox": _xywh(box),
                          "score": float(score)})
     gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns,
+    # "info" and "licenses" belong to the COCO format; pycocotools 2.0.10's loadRes copies
+    # "info" and fails on a dataset without it.
+    gt.dataset = {"info": {}, "licenses": [], "images": images, "annotations": anns,
                   "categories": [{"id": k} for k in range(1, num_classes + 1)]}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         gt.createIndex()
