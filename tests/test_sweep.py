@@ -232,3 +232,35 @@ def test_a_cell_at_the_default_scale_is_the_quality_benchmarks_run() -> None:
             sweep_args.threads, sweep_args.workers) == (args.knn_k, args.linear_epochs,
                                                         args.aug_copies, args.threads,
                                                         args.workers)
+
+
+def test_baseline_comparison_is_a_paired_t_test_by_hand(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """--baseline: per-seed differences and the paired t-test's p.  Differences 1, 2, 3 (3
+    seeds): mean 2, sd 1, t = 2 / (1 / sqrt(3)) with 2 degrees of freedom, whose CDF is
+    1/2 + t / (2 sqrt(t^2 + 2)), so p = 1 - t / sqrt(t^2 + 2).  A value of no spread (all
+    differences 0) has no p; a seed only one side has is left out of the pairing."""
+    spec = custom_spec(["objective.lam=0,0.5,1"])
+    knn = {"0": [30.0, 31.0, 32.0], "0.5": [31.0, 33.0, 35.0, 99.0], "1": [20.0, 20.5, 22.0]}
+    for cell in plan_cells(spec, (0, 1, 2, 3)):
+        value = spec.series[0].values[cell.vi].label
+        if cell.seed < len(knn[value]):
+            sweep_run.write_json_atomic({"seed": cell.seed, "knn_top1": knn[value][cell.seed],
+                                         "linear_top1": 40.0},
+                                        tmp_path / cell.folder / "result.json")
+    (tmp_path / SPEC_FILE).write_text(json.dumps({"spec": asdict(spec), "seeds": [0, 1, 2, 3]}))
+    assert main(["sweep", "--summary-only", "--out", str(tmp_path), "--baseline", "0"]) == 0
+    printed = capsys.readouterr().out
+    section = printed.split("paired t-test's two-sided p-value)\n\n")[1].split("\n\nwrote")[0]
+    rows = _parse_table(section)
+    t = 2.0 * math.sqrt(3.0)
+    p = 1.0 - t / math.sqrt(t * t + 2.0)
+    assert rows[0] == ["0.5", "3", f"+2.00 (+1.00, +2.00, +3.00; p = {p:.3f})",
+                       "+0.00 (+0.00, +0.00, +0.00)"]
+    d = [-10.0, -10.5, -10.0]
+    sd = math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    t1 = abs(sum(d) / 3) / (sd / math.sqrt(3.0))
+    assert rows[1][2].endswith(f"p = {1.0 - t1 / math.sqrt(t1 * t1 + 2.0):.3f})")
+    assert (tmp_path / "summary.md").read_text().count("paired by seed") == 1
+    assert main(["sweep", "--summary-only", "--out", str(tmp_path), "--baseline", "0.3"]) == 2
+    assert "--baseline '0.3'" in capsys.readouterr().err

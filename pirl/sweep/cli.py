@@ -27,6 +27,7 @@ from pirl.bench import DATA_ENV, add_data_root_argument
 from pirl.errors import ConfigError
 from pirl.evaluate.standard import TrunkEval
 from pirl.presets import PRESETS
+from pirl.sweep.compare import append_baseline
 from pirl.sweep.spec import (
     SWEEPS,
     Scale,
@@ -86,6 +87,9 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     p.add_argument("--summary-only", action="store_true",
                    help="rewrite summary.md / summary.png from the cells' results in --out")
+    p.add_argument("--baseline", default=None, metavar="VALUE",
+                   help="also compare every value with this one of the swept key, paired by "
+                   "seed (mean and per-seed differences, paired t-test p), e.g. 0 for Fig. 6")
     p.set_defaults(func=cmd_sweep)
     return p
 
@@ -103,6 +107,14 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     if args.preset:
         spec = replace(spec, preset=args.preset)
     return spec
+
+
+def check_baseline(spec: SweepSpec, baseline: str | None) -> None:
+    """Refuse a ``--baseline`` that is no value of the sweep, before anything runs."""
+    labels = [v.label for s in spec.series for v in s.values]
+    if baseline is not None and baseline not in labels:
+        raise ConfigError(f"--baseline {baseline!r}: not a value of the sweep "
+                          f"({', '.join(dict.fromkeys(labels))})")
 
 
 def spec_from_dict(d: dict[str, Any]) -> SweepSpec:
@@ -167,10 +179,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             spec, seeds = spec_from_dict(saved["spec"]), tuple(saved["seeds"])
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{out / SPEC_FILE}: not a sweep record ({e!r})") from None
+        check_baseline(spec, args.baseline)
         md, png, text = write_summary(spec, seeds, out, saved.get("command", ""))
+        if args.baseline is not None:
+            text += "\n\n" + append_baseline(spec, seeds, out, args.baseline)
         print(text + f"\n\nwrote {md} and {png}")
         return 0
     spec, seeds = spec_from_args(args), parse_seeds(args.seeds)
+    check_baseline(spec, args.baseline)
     scale = Scale(tuple(args.set), args.epochs, args.batch_size, args.workers)
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / spec.name
     cells = plan_cells(spec, seeds)
@@ -203,6 +219,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                             gpus=gpus, threads=args.threads)
     finally:  # also after a failure or Ctrl-C: the summary of what is finished
         md, png, text = write_summary(spec, seeds, out, command)
+        if args.baseline is not None:
+            text += "\n\n" + append_baseline(spec, seeds, out, args.baseline)
     print(text)
     print(f"\n{len(outcome.trained)} cell(s) trained, {len(outcome.skipped)} already finished; "
           f"wrote {md} and {png}")
