@@ -44,6 +44,7 @@ import quality as Q  # noqa: E402
 
 from pirl import config as C  # noqa: E402
 from pirl.bench import add_data_root_argument, data_root  # noqa: E402
+from pirl.evaluate.detection.schedule import LR_RULES  # noqa: E402
 from pirl.evaluate.metrics import markdown_table  # noqa: E402
 from pirl.presets import PRESETS  # noqa: E402
 
@@ -132,7 +133,8 @@ def finetune_args(args: argparse.Namespace) -> list[str]:
             "--device", args.device, "--png-images", "0", "--quiet"]
     for flag, value in (("--iters", args.iters), ("--max-size", args.max_size),
                         ("--roi-batch", args.roi_batch),
-                        ("--test-proposals", args.test_proposals)):
+                        ("--test-proposals", args.test_proposals),
+                        ("--lr-rule", args.lr_rule)):
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -234,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ft-batch-size", type=int, default=None, help="images per iteration")
     g.add_argument("--roi-batch", type=int, default=None)
     g.add_argument("--test-proposals", type=int, default=None)
+    g.add_argument("--lr-rule", default=None, choices=tuple(LR_RULES),
+                   help="one lr rule for every starting point (default: the paper's, "
+                   "contrastive for PIRL / NPID++ trunks and supervised for the others)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default 1; with --device cuda 8)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (quality.py says "

@@ -57,6 +57,11 @@ def test_modes_fill_what_was_not_given() -> None:
         "cpu", "imagenette-small", 200, "short", "0,1,2")
     assert args.workers == 1 and args.overrides == []
     assert args.train_data == "/data/imagenette-96/train.tar"
+    assert "--lr-rule" not in B.finetune_args(args)  # the paper's rule per starting point
+    args = B.resolve(B.build_parser().parse_args(["--data-root", "/data", "--lr-rule",
+                                                  "contrastive"]))
+    shared = B.finetune_args(args)
+    assert shared[shared.index("--lr-rule") + 1] == "contrastive"
 
 
 @needs_data
