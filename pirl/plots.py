@@ -327,16 +327,21 @@ def _chw_to_hwc(x: Tensor) -> Any:
 
 
 def show_views(source: _Source | Sequence[Image.Image], cfg: Config, out: str, n: int = 4,
-               seed: int = 0) -> None:
+               seed: int = 0) -> list[Tensor]:
     """Draw ``n`` images, one per row: the original, its image view, and its jigsaw patches in
     the order the network receives them, each titled with the grid cell it was cut from.
 
     ``source`` is an :class:`~pirl.data.source.ImageSource` (anything with ``len`` and
     ``load(i)``) or a sequence of PIL images; the rows are spread evenly over it, so an
-    ImageFolder (sorted by class) shows several classes.  Writes a PNG to ``out``.
+    ImageFolder (sorted by class) shows several classes.  The orders come from the permutation
+    set training would draw from (``objective.num_pirl_permutations`` for PIRL, the Jigsaw
+    baseline's ``num_permutations``; any of P! when there is none).  Writes a PNG to ``out``;
+    returns each row's order (Long ``[P]``).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from pirl.methods import permutation_set
 
     size = len(source)
     if size == 0:
@@ -345,8 +350,10 @@ def show_views(source: _Source | Sequence[Image.Image], cfg: Config, out: str, n
     indices = sorted({round(i * (size - 1) / max(n - 1, 1)) for i in range(n)})
     g = torch.Generator().manual_seed(seed)
     image_view = ImageView(cfg.views, generator=g)
+    orders = permutation_set(cfg, seed=cfg.train.seed)  # the set of a run of this config
     jigsaw_view = JigsawView(cfg.views, rotate=cfg.objective.pretext == "jigsaw+rotation",
-                             generator=g)
+                             generator=g, orders=orders)
+    drawn: list[Tensor] = []
     P, grid = jigsaw_view.num_patches, cfg.views.grid
     cols = 2 + P
     fig = Figure(figsize=(1.3 * cols, 1.5 * len(indices)))
@@ -357,6 +364,7 @@ def show_views(source: _Source | Sequence[Image.Image], cfg: Config, out: str, n
         img = img.convert("RGB")
         view = image_view(img)
         patches, order = jigsaw_view(img)[:2]
+        drawn.append(order)
         assert isinstance(view, Tensor)
         panels = [(_chw_to_hwc(to_uint8_tensor(img)), f"#{i} {img.width}x{img.height}"),
                   (_chw_to_hwc(view), f"view {cfg.views.image_size}")]
@@ -366,9 +374,11 @@ def show_views(source: _Source | Sequence[Image.Image], cfg: Config, out: str, n
             ax.imshow(pixels, interpolation="nearest")
             ax.set_title(title, fontsize=7)
             ax.axis("off")
+    orders_text = f"orders from a set of {len(orders)}" if orders is not None else "any order"
     fig.suptitle(f"image view and {P} jigsaw patches (crop {cfg.views.jigsaw_crop}, cell "
-                 f"{cfg.views.cell}, patch {cfg.views.patch}); patches in network order",
-                 fontsize=8)
+                 f"{cfg.views.cell}, patch {cfg.views.patch}); patches in network order, "
+                 f"{orders_text}", fontsize=8)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+    return drawn

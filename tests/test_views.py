@@ -374,6 +374,23 @@ def test_show_views_writes_png(tmp_path) -> None:  # type: ignore[no-untyped-def
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_show_views_draws_from_the_runs_permutation_set(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With objective.num_pirl_permutations = 2 every drawn order is a row of the set training
+    builds (permutation_set with train.seed); with 0 the orders are free (12 rows of 9! orders
+    almost surely hold more than 2 distinct ones)."""
+    from pirl.methods import permutation_set
+
+    images = [_image(40, 48, seed=i) for i in range(12)]
+    cfg = _cfg(32)
+    cfg.objective.num_pirl_permutations = 2
+    rows = {tuple(r) for r in permutation_set(cfg, seed=cfg.train.seed).tolist()}
+    drawn = show_views(images, cfg, str(tmp_path / "k2.png"), n=12)
+    assert len(drawn) == 12 and {tuple(o.tolist()) for o in drawn} <= rows
+    cfg.objective.num_pirl_permutations = 0
+    free = show_views(images, cfg, str(tmp_path / "all.png"), n=12)
+    assert len({tuple(o.tolist()) for o in free}) > 2
+
+
 def test_photometric_dataclass_index() -> None:
     p = sample_photometric(5, Config().views, torch.Generator().manual_seed(0))
     q = p.index(torch.tensor([4, 0]))
