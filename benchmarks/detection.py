@@ -134,7 +134,8 @@ def finetune_args(args: argparse.Namespace) -> list[str]:
     for flag, value in (("--iters", args.iters), ("--max-size", args.max_size),
                         ("--roi-batch", args.roi_batch),
                         ("--test-proposals", args.test_proposals),
-                        ("--lr-rule", args.lr_rule)):
+                        ("--lr-rule", args.lr_rule),
+                        ("--bn-recalibrate", args.bn_recalibrate)):
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-rule", default=None, choices=tuple(LR_RULES),
                    help="one lr rule for every starting point (default: the paper's, "
                    "contrastive for PIRL / NPID++ trunks and supervised for the others)")
+    g.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
+                   help="re-estimate every trunk's BatchNorm statistics on N training images "
+                   "at the fine-tuning size before freezing them (default: the checkpoint's)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default 1; with --device cuda 8)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (quality.py says "

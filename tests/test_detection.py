@@ -22,7 +22,7 @@ from pirl.config import Config, to_dict
 from pirl.data.source import DatasetError
 from pirl.data.voc import VOC_CLASSES, VOCSource, parse_data_paths
 from pirl.evaluate.detection.metrics import detection_metrics
-from pirl.evaluate.detection.model import build_detector
+from pirl.evaluate.detection.model import build_detector, recalibrate_batchnorm
 from pirl.evaluate.detection.schedule import resolve_schedule, rule_for_method
 from pirl.methods import build_model
 from pirl.presets import view_preset
@@ -287,6 +287,47 @@ def _trunk_with_stats(arch: str = "resnet18") -> torch.nn.Module:
     return trunk.eval()
 
 
+def test_bn_recalibration_is_the_mean_of_per_image_batch_statistics() -> None:
+    """--bn-recalibrate: each BatchNorm's new running mean / var are the averages over the
+    images of each image's own channel mean and unbiased variance at the detector's input
+    (computed here by hand through conv -> BN in batch mode -> ReLU -> conv); the affine
+    parameters, eps and momentum stay, and the trunk ends in eval mode."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    torch.manual_seed(0)
+    conv1, bn1 = torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, momentum=0.3)
+    conv2, bn2 = torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2)
+    trunk = torch.nn.Sequential(conv1, bn1, torch.nn.ReLU(), conv2, bn2)
+    for bn in (bn1, bn2):
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(1e-4)
+        bn.weight.data.uniform_(0.5, 2.0)
+        bn.bias.data.uniform_(-1.0, 1.0)
+    affine = [p.clone() for p in trunk.parameters()]
+    transform = GeneralizedRCNNTransform(48, 80, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+              for h, w in ((40, 50), (30, 30), (64, 48))]
+    stats1, stats2 = [], []
+    with torch.no_grad():
+        for img in images:
+            x = transform.eval()([img.float() / 255])[0].tensors
+            y1 = conv1(x)
+            m, v = y1.mean((0, 2, 3)), y1.var((0, 2, 3), unbiased=True)
+            vb = y1.var((0, 2, 3), unbiased=False)  # batch mode normalises with the biased var
+            z = (y1 - m.view(1, -1, 1, 1)) / torch.sqrt(vb.view(1, -1, 1, 1) + bn1.eps)
+            y2 = conv2(torch.relu(z * bn1.weight.view(1, -1, 1, 1) + bn1.bias.view(1, -1, 1, 1)))
+            stats1.append((m, v))
+            stats2.append((y2.mean((0, 2, 3)), y2.var((0, 2, 3), unbiased=True)))
+    assert recalibrate_batchnorm(trunk, iter(images), transform) == 3
+    for bn, stats in ((bn1, stats1), (bn2, stats2)):
+        torch.testing.assert_close(bn.running_mean, torch.stack([m for m, _ in stats]).mean(0))
+        torch.testing.assert_close(bn.running_var, torch.stack([v for _, v in stats]).mean(0))
+        assert not bn.training
+    assert bn1.momentum == 0.3 and bn2.momentum == 0.1
+    assert all(torch.equal(a, b) for a, b in zip(affine, trunk.parameters(), strict=True))
+
+
 def _tiny_batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 96, 128, generator=g), torch.rand(3, 112, 96, generator=g)]
@@ -401,6 +442,21 @@ def test_finetune_from_a_pirl_checkpoint_writes_json_table_png_and_resumes(
     assert (out / "detection.png").stat().st_size > 10_000
     for key in ("AP", "AP50", "AP75", "VOC07_AP50", "per_class_AP", "schedule", "checkpoint"):
         assert key in first
+
+
+def test_bn_recalibrate_is_recorded_and_part_of_the_run_settings(
+        tiny_raccoon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _pirl_checkpoint(tmp_path / "pirl.pt")
+    out = tmp_path / "det"
+    argv = ["--checkpoint", str(ckpt), "--data", str(tiny_raccoon), "--schedule", "short",
+            "--iters", "1", "--out", str(out), "--bn-recalibrate", "3", *FAST]
+    assert _cli(argv) == 0
+    result = json.loads((out / "detection.json").read_text())
+    assert result["batchnorm"] == ("frozen (FrozenBatchNorm2d), statistics re-estimated on 3 "
+                                   "training images at 128 px")
+    # Other statistics are another run: resuming it with another N is refused.
+    assert _cli([*argv[:9], "2", *argv[10:]]) == 2
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_resume_continues_where_the_checkpoint_stopped(tiny_raccoon: Path,

@@ -58,10 +58,12 @@ def test_modes_fill_what_was_not_given() -> None:
     assert args.workers == 1 and args.overrides == []
     assert args.train_data == "/data/imagenette-96/train.tar"
     assert "--lr-rule" not in B.finetune_args(args)  # the paper's rule per starting point
+    assert "--bn-recalibrate" not in B.finetune_args(args)
     args = B.resolve(B.build_parser().parse_args(["--data-root", "/data", "--lr-rule",
-                                                  "contrastive"]))
+                                                  "contrastive", "--bn-recalibrate", "64"]))
     shared = B.finetune_args(args)
     assert shared[shared.index("--lr-rule") + 1] == "contrastive"
+    assert shared[shared.index("--bn-recalibrate") + 1] == "64"
 
 
 @needs_data

@@ -12,13 +12,16 @@ import argparse
 import json
 import logging
 import sys
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from pirl import config as C
+from pirl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from pirl.evaluate.detection.schedule import LR_RULES, SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,10 @@ def add_detection_parser(sub: Any) -> argparse.ArgumentParser:
                    help="contrastive: lr 0.003, 1000-iteration warm-up (PIRL, NPID++); "
                    "supervised: 0.02, 100 (supervised, Jigsaw, Rotation).  Default: from the "
                    "checkpoint's method, else supervised")
+    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                   help="re-estimate the trunk's BatchNorm statistics on N training images at "
+                   "the test input size before freezing them (default 0: the checkpoint's, as "
+                   "the paper; use it for trunks pretrained on much smaller images)")
     p.add_argument("--freeze-at", type=int, default=0, choices=range(6),
                    help="freeze the first N trunk stages (1 = stem, 2 = stem+res2, Detectron2's "
                    "default).  Default 0: every layer fine-tuned, as the paper")
@@ -174,7 +181,8 @@ def _run(args: argparse.Namespace) -> int:
     short = args.schedule == "short"
     roi_batch = args.roi_batch or (SHORT_ROI_BATCH if short else 512)
     test_proposals = args.test_proposals or (SHORT_TEST_PROPOSALS if short else 1000)
-    model = build_detector(em.trunk, len(train.classes), args.design, args.freeze_at,
+    trunk, batchnorm = _batchnorm(em.trunk, train, args, sizes[-1], max_size, env.device)
+    model = build_detector(trunk, len(train.classes), args.design, args.freeze_at,
                            min_size=sizes, max_size=max_size, roi_batch=roi_batch,
                            test_proposals=test_proposals).to(env.device)
     loop = LoopSettings(env=env, per_rank_batch=args.batch_size, workers=args.workers,
@@ -187,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
            "freeze_at": args.freeze_at, "schedule": schedule.as_dict(), "min_size": list(sizes),
            "max_size": max_size, "roi_batch": roi_batch, "seed": args.seed,
            "classes": list(train.classes)}
+    if args.bn_recalibrate:  # only then, so fine-tunes from before the option still resume
+        key["bn_recalibrate"] = args.bn_recalibrate
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
@@ -204,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     result = {
         "protocol": "detection", "checkpoint": args.checkpoint, "method": method,
         "lr_rule": rule, "lr_rule_from": rule_from, "design": args.design,
-        "freeze_at": args.freeze_at, "batchnorm": "frozen (FrozenBatchNorm2d)",
+        "freeze_at": args.freeze_at, "batchnorm": batchnorm,
         "schedule": schedule.as_dict(), "iterations": schedule.iterations,
         "min_size": list(sizes), "max_size": max_size, "roi_batch": roi_batch,
         "test_proposals": test_proposals, "train": _describe(train),
@@ -219,6 +229,30 @@ def _run(args: argparse.Namespace) -> int:
     print(tables(result, em.name))
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     return 0
+
+
+def _batchnorm(trunk: nn.Module, train: Any, args: argparse.Namespace, size: int, max_size: int,
+               device: torch.device) -> tuple[nn.Module, str]:
+    """The trunk whose BatchNorm statistics the detector freezes, and how they were made: the
+    checkpoint's, or (``--bn-recalibrate N``) a copy re-estimated on N training images drawn
+    with ``--seed`` (the same on every rank)."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from pirl.evaluate.detection.engine import DetectionItems
+    from pirl.evaluate.detection.model import recalibrate_batchnorm
+
+    if not args.bn_recalibrate:
+        return trunk, "frozen (FrozenBatchNorm2d), the checkpoint's statistics"
+    copy = deepcopy(trunk).to(device)
+    transform = GeneralizedRCNNTransform(size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    items = DetectionItems(train, strict=args.strict_data)
+    images = (item[0] for k in order[:args.bn_recalibrate].tolist()
+              if (item := items[k]) is not None)
+    used = recalibrate_batchnorm(copy, images, transform)
+    log.info("BatchNorm statistics re-estimated on %d training images at %d px", used, size)
+    return copy, (f"frozen (FrozenBatchNorm2d), statistics re-estimated on {used} training "
+                  f"images at {size} px")
 
 
 def _describe(src: Any) -> dict[str, Any]:

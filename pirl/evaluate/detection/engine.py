@@ -100,7 +100,7 @@ class IterationBatches(Sampler[list[tuple[int, bool]]]):
 
 
 class DetectionItems(Dataset):
-    """Items of a VOC source for the detector: key (index, flip) -> (float [3,H,W] in [0,1],
+    """Items of a VOC source for the detector: key (index, flip) -> (uint8 [3,H,W],
     {"boxes", "labels"}) or None for an unreadable image (BadImageError fatal when strict)."""
 
     def __init__(self, source: VOCSource, strict: bool = False) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -63,6 +65,43 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
         if new is not child:
             setattr(module, name, new)
     return module
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(trunk: nn.Module, images: Iterable[Tensor],
+                          transform: GeneralizedRCNNTransform) -> int:
+    """Re-estimate the running mean and variance of every ``BatchNorm2d`` of ``trunk`` (in
+    place) on ``images`` at the detector's input size; weights, affine parameters and eps stay.
+
+    Each image (uint8 ``[3,H,W]``, or float in [0,1]) is resized and normalised by ``transform``
+    (the detector's ``GeneralizedRCNNTransform``, eval mode: the test size) and passed alone, with
+    every BatchNorm in train mode and ``momentum=None``: the new statistics are the average over
+    the images of each image's own batch statistics (the per-channel mean and unbiased variance
+    over H x W), as precise-BN estimation does.  Used when the checkpoint's statistics come from
+    inputs unlike the detector's (a trunk pretrained on 32-px views, fine-tuned at 160-800 px)
+    and would otherwise be frozen into the detector.  ``trunk`` ends in eval mode; returns the
+    number of images used.
+    """
+    bns = [m for m in trunk.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    trunk.eval()
+    transform.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the images
+        m.train()
+    n = 0
+    device = next(trunk.parameters()).device
+    for image in images:
+        x = image.to(device)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        batch = transform([x])[0].tensors
+        trunk(batch)
+        n += 1
+    for m, momentum in zip(bns, saved, strict=True):
+        m.momentum = momentum
+        m.eval()
+    return n
 
 
 def freeze_stages(trunk: ResNet, freeze_at: int) -> None:
