@@ -455,7 +455,8 @@ def test_bn_recalibrate_is_recorded_and_part_of_the_run_settings(
     assert result["batchnorm"] == ("frozen (FrozenBatchNorm2d), statistics re-estimated on 3 "
                                    "training images at 128 px")
     # Other statistics are another run: resuming it with another N is refused.
-    assert _cli([*argv[:9], "2", *argv[10:]]) == 2
+    n = argv.index("--bn-recalibrate") + 1
+    assert _cli([*argv[:n], "2", *argv[n + 1:]]) == 2
     assert "other settings" in capsys.readouterr().err
 
 
