@@ -12,6 +12,7 @@ as mean ± standard deviation over the seeds for every (pre-training, dataset) p
     python benchmarks/detection.py                       # CPU scale (hours on 2 cores)
     python benchmarks/detection.py --device cuda         # larger images, longer schedules
     python benchmarks/detection.py --quick               # a smoke run of the whole pipeline
+    python benchmarks/detection.py --device cuda --parallel 5   # one process per pre-training
 
 Rerunning the same command skips what ``--out`` already holds: a finished pre-training (its
 ``trunk.pt``) and a finished fine-tune (its ``detection.json``); an interrupted pre-training or
@@ -27,7 +28,9 @@ import contextlib
 import json
 import logging
 import statistics
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -165,6 +168,43 @@ def _describe(r: dict[str, Any]) -> str:
     return scores + (" (already in --out)" if r["skipped"] else "")
 
 
+def child_argv(argv: Sequence[str], method: str) -> list[str]:
+    """The command line of one pre-training's process: ``argv`` with its own ``--methods`` and
+    without ``--parallel``."""
+    kept: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--methods", "--parallel"):
+            skip = True
+        elif not a.startswith(("--methods=", "--parallel=")):
+            kept.append(a)
+    return [*kept, "--methods", method]
+
+
+def run_parallel(argv: Sequence[str], methods: Sequence[str], n: int, out: Path) -> None:
+    """Each method's pre-training and fine-tunes in a process of its own, up to ``n`` at once,
+    writing into the same ``out`` (their cells are disjoint); each one's output goes to
+    ``out/log_<method>.txt``.  The caller then collects the cells; any a failed process left
+    unfinished it runs itself."""
+    pending, running = list(methods), []
+    while pending or running:
+        while pending and len(running) < n:
+            m = pending.pop(0)
+            fh = open(out / f"log_{m}.txt", "w")  # noqa: SIM115 - closed when the process ends
+            cmd = [sys.executable, str(Path(__file__).resolve()), *child_argv(argv, m)]
+            running.append((m, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), fh))
+            log.info("%s: started in its own process (log: %s)", m, fh.name)
+        time.sleep(0.5)
+        for item in list(running):
+            m, proc, fh = item
+            if proc.poll() is not None:
+                fh.close()
+                running.remove(item)
+                log.info("%s: process finished with exit code %d", m, proc.returncode)
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -247,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader workers (default 1; with --device cuda 8)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (quality.py says "
                    "why 1 on a shared machine)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run up to N pre-trainings, each with its fine-tunes, as separate "
+                   "processes at once (e.g. 5 on one large GPU), then collect the table here; "
+                   "1 (default): everything in this process")
     p.add_argument("--out", default=str(REPO / ".cache" / "detection"),
                    help="folder for results.json, the runs and the fine-tunes")
     return p
@@ -292,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if unknown or not args.methods or not seeds:
         raise SystemExit(f"detection.py: --methods {unknown or 'empty'} / --seeds {args.seeds}: "
                          f"choose methods from {list(Q.METHOD_SETTINGS)} and at least one seed")
+    if args.parallel < 1:
+        raise SystemExit(f"detection.py: --parallel {args.parallel}: must be >= 1")
     voc = {d: Path(args.detection_root) / f"{d}.tar" for d in args.datasets}
     missing = [str(p) for p in [Path(args.train_data), *voc.values()] if not p.is_file()]
     if missing:
@@ -311,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                    args.subset or None, None, out / "data")
     settings = settings_text(args, train_path)
     print(settings, flush=True)
+    if args.parallel > 1 and len(args.methods) > 1:
+        run_parallel(list(sys.argv[1:] if argv is None else argv), args.methods, args.parallel,
+                     out)
     checkpoints = {m: pretrained_checkpoint(m, args, train_path, out) for m in args.methods}
     cells: list[dict[str, Any]] = []
     result: dict[str, Any] = {}

@@ -89,3 +89,26 @@ def test_quick_run_end_to_end_then_resumed(tmp_path: Path,
     again = B.main(argv)
     assert all(c["skipped"] for c in again["cells"])
     assert again["summary"] == result["summary"]
+
+
+def test_child_argv_keeps_everything_but_methods_and_parallel() -> None:
+    argv = ["--quick", "--methods", "pirl,random", "--parallel=2", "--seeds", "0", "--out", "o"]
+    assert B.child_argv(argv, "pirl") == ["--quick", "--seeds", "0", "--out", "o", "--methods",
+                                          "pirl"]
+    assert B.child_argv(["--parallel", "3", "--methods=npid++"], "jigsaw") == [
+        "--methods", "jigsaw"]
+
+
+@needs_data
+def test_parallel_runs_one_process_per_pretraining_and_collects(tmp_path: Path) -> None:
+    """--parallel 2: each pre-training and its fine-tunes run in a process of its own (their
+    logs are written), and this process collects every cell as already finished."""
+    argv = ["--quick", "--methods", "pirl,random", "--datasets", "raccoon", "--parallel", "2",
+            "--data-root", str(IMAGENETTE_DIR.parent), "--workers", "0", "--out", str(tmp_path)]
+    result = B.main(argv)
+    assert [(c["method"], c["skipped"]) for c in result["cells"]] == [("pirl", True),
+                                                                       ("random", True)]
+    assert all(c["failed"] is None and c["AP50"] is not None for c in result["cells"])
+    for m in ("pirl", "random"):
+        assert "raccoon, seed 0: AP" in (tmp_path / f"log_{m}.txt").read_text()
+    assert (tmp_path / "pretrain" / "pirl" / "trunk.pt").is_file()
