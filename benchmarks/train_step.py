@@ -238,9 +238,14 @@ def loader_batches(cfg: C.Config, data: str, workers: int, device: torch.device,
     dataset = ViewDataset(source, build_train_transform(cfg, defer_colour=True))
     collate = ColourCollate(collate_views, backend=cfg.views.colour_backend)
     g = torch.Generator().manual_seed(0)
+    # One long epoch of 100 passes: at an epoch's end the loader's queue drains while the
+    # workers start the next one, which a small tar (a few batches per pass) would otherwise
+    # hit every few steps; a training run on a real dataset meets it once per thousands.
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=100 * len(dataset),
+                                             generator=g)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
-        num_workers=workers, collate_fn=collate, generator=g,
+        dataset, batch_size=cfg.optim.batch_size, sampler=sampler, drop_last=True,
+        num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
     while True:
