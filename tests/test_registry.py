@@ -41,13 +41,13 @@ def name_switches(source: str, filename: str = "<src>") -> list[str]:
     """Places in ``source`` that switch on a method name: a comparison (``==``, ``!=``, ``in``,
     ``not in``) of something named like a method against a literal method name or a tuple of
     them, dicts keyed by literal method names (dispatch tables), and groups of method names
-    kept apart from the registry (``BANK_METHODS = ("pirl", "npid")``); config.METHODS, the list
-    of names itself, is the one group allowed."""
+    kept apart from the registry (``BANK_METHODS = ("pirl", "npid")``); config_schema.METHODS,
+    the list of names itself, is the one group allowed."""
     found = []
     for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, ast.Assign) and _only_names(node.value):
             targets = [ast.unparse(t) for t in node.targets]
-            if not (filename.endswith("config.py") and targets == ["METHODS"]):
+            if not (filename.endswith("config_schema.py") and targets == ["METHODS"]):
                 found.append(f"{filename}:{node.lineno}: {' = '.join(targets)} lists methods")
         if isinstance(node, ast.Compare):
             sides = [node.left, *node.comparators]
